@@ -1,0 +1,3 @@
+"""txpilot: a PanDA pilot built on Twisted."""
+
+__version__ = "0.1.0"

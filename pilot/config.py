@@ -1,0 +1,76 @@
+"""The pilot's resolved settings: one immutable object built from options + config file.
+
+Everything that shapes the pilot's behaviour is here, already validated and in
+seconds, so the rest of the code never reads ``os.environ`` or option dictionaries.
+Environment variables that grid middleware sets (``X509_USER_PROXY``,
+``X509_CERT_DIR``, ``PANDA_AUTH_TOKEN``, ``HARVESTER_*``, batch-system ids) are read
+once, by ``pilot.options``, and land here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from pilot.queuedata import QueueData
+
+
+class ApiMode(Enum):
+    """Which PanDA server API generation to speak."""
+
+    V1 = "v1"
+    LEGACY = "legacy"
+    AUTO = "auto"
+
+
+class KeepWorkdirs(Enum):
+    """Which job work directories survive the job."""
+
+    NONE = "none"
+    FAILED = "failed"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the pilot's own credentials live (paths only: contents are read on use)."""
+
+    cacert: Path | None = None
+    capath: Path | None = None
+    proxy: Path | None = None
+    token_file: Path | None = None
+    auth_origin: str | None = None
+
+
+@dataclass(frozen=True)
+class PilotConfig:
+    queue: str
+    server_url: str
+    pilot_user: str = "generic"
+    job_label: str = "ptest"
+    lifetime: float = 324000.0
+    workdir: Path = Path(".")
+    resource_type: str = ""
+    getjob_requests: int = 2
+    getjob_failures: int = 5
+    api: ApiMode = ApiMode.AUTO
+    credentials: Credentials = field(default_factory=Credentials)
+    queuedata_source: str | None = None
+    queuedata: QueueData | None = None
+    baseurls: tuple[str, ...] = ()
+    debug: bool = False
+    heartbeat_period: float = 1800.0
+    debug_heartbeat_period: float = 60.0
+    nojob_backoff: float = 5.0
+    nojob_backoff_max: float = 60.0
+    kill_grace: float = 10.0
+    shutdown_grace: float = 60.0
+    lifetime_margin: float = 180.0
+    keep_workdirs: KeepWorkdirs = KeepWorkdirs.NONE
+    summary_file: Path | None = None
+    log_file: Path | None = None
+    node: str = ""
+    batch_id: str = ""
+    harvester_id: str = ""
+    worker_id: int | None = None

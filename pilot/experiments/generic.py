@@ -1,0 +1,30 @@
+"""The ``generic`` experiment: run the transformation with the job parameters, nothing more."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from pilot.interfaces import IExperiment
+from pilot.job.model import Job
+
+
+@implementer(IPlugin, IExperiment)
+class GenericExperiment:
+    """``<transformation> <jobPars>`` through bash, in the job's work directory."""
+
+    name = "generic"
+
+    def payload_command(self, job: Job, transformation: str, workdir: Path) -> str:
+        if transformation.startswith("/") or transformation.startswith("./"):
+            program = shlex.quote(transformation)
+        else:
+            program = transformation
+        return f"{program} {job.job_pars}".strip()
+
+    def payload_environment(self, job: Job, workdir: Path, base: Mapping[str, str]) -> dict[str, str]:
+        return dict(base)

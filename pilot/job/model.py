@@ -1,0 +1,423 @@
+"""Typed PanDA jobs, built from the dictionary the server sends.
+
+The server's job dictionary is a flat bag of strings: per-file attributes are
+comma-joined lists aligned by position (``inFiles``, ``GUID``, ``fsize``, ...),
+unset database columns arrive as the string ``"NULL"``, booleans as ``"True"``,
+checksums as ``ad:<adler32>`` / ``md:<md5>``.  ``parse_job`` turns that into
+immutable objects and rejects what cannot be run safely, with an error that names
+the offending field and carries the PanDA error code the job is failed with.
+
+The contract is also written down as a JSON Schema: ``interfaces/job-definition.schema.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pilot.errorcodes import ErrorCode
+from pilot.errors import PilotError
+
+#: Keys of the job definition that hold credentials.  They are kept out of logs,
+#: summaries and anything else that leaves the pilot.
+SECRET_KEYS = frozenset(
+    {"secrets", "pilotSecrets", "credname", "myproxy", "userProxy", "privateKey", "publicKey"}
+)
+
+_MAX_LFN_LENGTH = 255
+_UNSET = ("", "NULL", "None")
+
+
+class JobDefinitionError(PilotError):
+    """A job definition that cannot be run; ``field`` names the culprit."""
+
+    def __init__(self, code: ErrorCode, field_name: str, message: str) -> None:
+        super().__init__(code, f"job definition field {field_name!r}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """A file checksum as PanDA states it: adler32 (8 hex digits) or md5 (32 hex digits)."""
+
+    algorithm: Literal["adler32", "md5"]
+    value: str
+
+    @classmethod
+    def parse(cls, text: str, field_name: str) -> Checksum:
+        prefix, sep, rest = text.partition(":")
+        if sep and prefix in ("ad", "adler32"):
+            algorithm: Literal["adler32", "md5"] = "adler32"
+            value = rest
+        elif sep and prefix in ("md", "md5"):
+            algorithm, value = "md5", rest
+        elif not sep:
+            algorithm, value = "adler32", text
+        else:
+            raise JobDefinitionError(
+                ErrorCode.UNKNOWNCHECKSUMTYPE, field_name, f"unknown checksum type {prefix!r}"
+            )
+        value = value.strip().lower()
+        if algorithm == "adler32":
+            if not re.fullmatch(r"[0-9a-f]{1,8}", value):
+                raise JobDefinitionError(
+                    ErrorCode.UNKNOWNCHECKSUMTYPE, field_name, f"not an adler32 checksum: {text!r}"
+                )
+            value = value.zfill(8)
+        elif not re.fullmatch(r"[0-9a-f]{32}", value):
+            raise JobDefinitionError(
+                ErrorCode.UNKNOWNCHECKSUMTYPE, field_name, f"not an md5 checksum: {text!r}"
+            )
+        return cls(algorithm, value)
+
+    @property
+    def report_key(self) -> str:
+        """The key of this checksum in a job output report."""
+        return "adler32" if self.algorithm == "adler32" else "md5sum"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    lfn: str
+    scope: str = ""
+    guid: str = ""
+    size: int | None = None
+    checksum: Checksum | None = None
+    dataset: str = ""
+    ddm_endpoint: str = ""
+    storage_token: str = ""
+    dispatch_dblock: str = ""
+    dispatch_dblock_token: str = ""
+    prod_dblock: str = ""
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """An output of the job, or its log tarball (``is_log``, whose GUID is ``logGUID``)."""
+
+    lfn: str
+    scope: str = ""
+    dataset: str = ""
+    destination_dblock: str = ""
+    destination_token: str = ""
+    ddm_endpoint: str = ""
+    destination_se: str = ""
+    is_log: bool = False
+    guid: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    panda_id: int
+    transformation: str
+    job_pars: str = ""
+    attempt_nr: int | None = None
+    task_id: int | None = None
+    jobset_id: int | None = None
+    job_name: str = ""
+    job_definition_id: int | None = None
+    label: str = ""
+    swrelease: str = ""
+    homepackage: str = ""
+    cmtconfig: str = ""
+    processing_type: str = ""
+    transfer_type: str = ""
+    resource_type: str = ""
+    core_count: int = 1
+    max_walltime: int | None = None
+    min_ram: int | None = None
+    max_disk: int | None = None
+    max_cpu: int | None = None
+    inputs: tuple[InputFile, ...] = ()
+    outputs: tuple[OutputFile, ...] = ()
+    log: OutputFile | None = None
+    flags: frozenset[str] = frozenset()
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def flag(self, name: str) -> bool:
+        """Whether the server set the ``"True"`` flag ``name`` (``debug``, ``eventService``...)."""
+        return name in self.flags
+
+    @property
+    def is_debug(self) -> bool:
+        return self.flag("debug")
+
+    def loggable(self) -> dict[str, Any]:
+        """The job definition without credentials, safe for logs and summaries."""
+        return {k: v for k, v in self.raw.items() if k not in SECRET_KEYS}
+
+
+def _text(raw: Mapping[str, Any], key: str) -> str:
+    value = raw.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return "" if value in ("NULL", "None") else value
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int | float):
+        return str(value)
+    raise JobDefinitionError(
+        ErrorCode.CONVERSIONFAILURE, key, f"expected a string, got {type(value).__name__}"
+    )
+
+
+def _integer(raw: Mapping[str, Any], key: str, *, required: bool = False) -> int | None:
+    value = raw.get(key)
+    if value is None or (isinstance(value, str) and value.strip() in _UNSET):
+        if required:
+            raise JobDefinitionError(ErrorCode.NOTDEFINED, key, "missing")
+        return None
+    if isinstance(value, bool):
+        raise JobDefinitionError(ErrorCode.CONVERSIONFAILURE, key, f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise JobDefinitionError(ErrorCode.CONVERSIONFAILURE, key, f"expected an integer, got {value!r}")
+
+
+def _listing(raw: Mapping[str, Any], key: str) -> list[str]:
+    """A comma-joined per-file list; unset entries become empty strings."""
+    value = raw.get(key)
+    if value is None:
+        return []
+    if isinstance(value, list):
+        items = [str(v) if v is not None else "" for v in value]
+    elif isinstance(value, str):
+        if value in _UNSET:
+            return []
+        items = value.split(",")
+    else:
+        raise JobDefinitionError(
+            ErrorCode.CONVERSIONFAILURE, key, f"expected a comma-separated list, got {value!r}"
+        )
+    return ["" if item.strip() in _UNSET else item.strip() for item in items]
+
+
+def _aligned(raw: Mapping[str, Any], key: str, base_key: str, count: int) -> list[str]:
+    """A per-file list that must be empty or exactly as long as ``base_key``'s."""
+    items = _listing(raw, key)
+    if not items or not any(items):
+        return [""] * count
+    if len(items) != count:
+        raise JobDefinitionError(
+            ErrorCode.NOTSAMELENGTH, key, f"has {len(items)} entries but {base_key!r} has {count}"
+        )
+    return items
+
+
+def check_lfn(lfn: str, field_name: str, code: ErrorCode) -> str:
+    """Reject a file name that could escape the work directory or confuse a tool.
+
+    LFNs become file names in the job's work directory and arguments of copytools
+    and tar: no path separators, no ``.``/``..``, no NUL or control characters, no
+    leading ``-`` (it would read as an option), at most 255 characters.
+    """
+    if len(lfn) > _MAX_LFN_LENGTH:
+        raise JobDefinitionError(
+            ErrorCode.LFNTOOLONG, field_name, f"LFN longer than {_MAX_LFN_LENGTH} characters"
+        )
+    if (
+        not lfn
+        or lfn in (".", "..")
+        or "/" in lfn
+        or "\\" in lfn
+        or lfn.startswith("-")
+        or any(ord(c) < 32 or ord(c) == 127 for c in lfn)
+    ):
+        raise JobDefinitionError(code, field_name, f"unsafe file name {lfn!r}")
+    return lfn
+
+
+def _parse_inputs(raw: Mapping[str, Any]) -> tuple[InputFile, ...]:
+    lfns = _listing(raw, "inFiles")
+    n = len(lfns)
+    columns = {
+        key: _aligned(raw, key, "inFiles", n)
+        for key in (
+            "GUID",
+            "fsize",
+            "checksum",
+            "scopeIn",
+            "realDatasetsIn",
+            "prodDBlockToken",
+            "ddmEndPointIn",
+            "dispatchDblock",
+            "dispatchDBlockToken",
+            "prodDBlocks",
+        )
+    }
+    files: list[InputFile] = []
+    seen: set[str] = set()
+    for i, lfn in enumerate(lfns):
+        if not lfn or lfn in seen:
+            continue
+        seen.add(lfn)
+        check_lfn(lfn, f"inFiles[{i}]", ErrorCode.STAGEINFAILED)
+        size_text = columns["fsize"][i]
+        size = _integer({f"fsize[{i}]": size_text}, f"fsize[{i}]")
+        if size is not None and size < 0:
+            raise JobDefinitionError(ErrorCode.CONVERSIONFAILURE, f"fsize[{i}]", f"negative size {size}")
+        checksum_text = columns["checksum"][i]
+        files.append(
+            InputFile(
+                lfn=lfn,
+                scope=columns["scopeIn"][i],
+                guid=columns["GUID"][i],
+                size=size,
+                checksum=Checksum.parse(checksum_text, f"checksum[{i}]") if checksum_text else None,
+                dataset=columns["realDatasetsIn"][i],
+                ddm_endpoint=columns["ddmEndPointIn"][i],
+                storage_token=columns["prodDBlockToken"][i],
+                dispatch_dblock=columns["dispatchDblock"][i],
+                dispatch_dblock_token=columns["dispatchDBlockToken"][i],
+                prod_dblock=columns["prodDBlocks"][i],
+            )
+        )
+    return tuple(files)
+
+
+def _output_scopes(raw: Mapping[str, Any], lfns: Sequence[str], log_lfn: str) -> list[str]:
+    """``scopeOut`` lists the scopes of the non-log outputs (the log has ``scopeLog``).
+
+    Some servers list a scope for every entry of ``outFiles`` instead; both are accepted.
+    """
+    scopes = _listing(raw, "scopeOut")
+    log_scope = _text(raw, "scopeLog")
+    non_log = [lfn for lfn in lfns if lfn != log_lfn]
+    if not scopes:
+        return [log_scope if lfn == log_lfn else "" for lfn in lfns]
+    if len(scopes) == len(lfns):
+        return [log_scope or s if lfn == log_lfn else s for lfn, s in zip(lfns, scopes, strict=True)]
+    if len(scopes) == len(non_log):
+        remaining = iter(scopes)
+        return [log_scope if lfn == log_lfn else next(remaining) for lfn in lfns]
+    raise JobDefinitionError(
+        ErrorCode.NOTSAMELENGTH,
+        "scopeOut",
+        f"has {len(scopes)} entries but 'outFiles' has {len(non_log)} outputs besides the log",
+    )
+
+
+def _parse_outputs(raw: Mapping[str, Any]) -> tuple[tuple[OutputFile, ...], OutputFile | None]:
+    lfns = _listing(raw, "outFiles")
+    log_lfn = _text(raw, "logFile")
+    if log_lfn:
+        check_lfn(log_lfn, "logFile", ErrorCode.BADOUTPUTFILENAME)
+    n = len(lfns)
+    columns = {
+        key: _aligned(raw, key, "outFiles", n)
+        for key in (
+            "realDatasets",
+            "destinationDblock",
+            "destinationDBlockToken",
+            "ddmEndPointOut",
+            "fileDestinationSE",
+        )
+    }
+    scopes = _output_scopes(raw, lfns, log_lfn)
+    outputs: list[OutputFile] = []
+    log: OutputFile | None = None
+    seen: set[str] = set()
+    for i, lfn in enumerate(lfns):
+        if not lfn:
+            continue
+        check_lfn(lfn, f"outFiles[{i}]", ErrorCode.BADOUTPUTFILENAME)
+        if lfn in seen:
+            raise JobDefinitionError(
+                ErrorCode.BADOUTPUTFILENAME, f"outFiles[{i}]", f"duplicate output {lfn!r}"
+            )
+        seen.add(lfn)
+        spec = OutputFile(
+            lfn=lfn,
+            scope=scopes[i],
+            dataset=columns["realDatasets"][i],
+            destination_dblock=columns["destinationDblock"][i],
+            destination_token=columns["destinationDBlockToken"][i],
+            ddm_endpoint=columns["ddmEndPointOut"][i],
+            destination_se=columns["fileDestinationSE"][i],
+            is_log=lfn == log_lfn,
+            guid=_text(raw, "logGUID") if lfn == log_lfn else "",
+        )
+        if spec.is_log:
+            log = spec
+        else:
+            outputs.append(spec)
+    if log_lfn and log is None:
+        log = OutputFile(lfn=log_lfn, scope=_text(raw, "scopeLog"), is_log=True, guid=_text(raw, "logGUID"))
+    return tuple(outputs), log
+
+
+def parse_job(raw: Mapping[str, Any]) -> Job:
+    """Build a Job from the server's job dictionary, or raise JobDefinitionError."""
+    if not isinstance(raw, Mapping):
+        raise JobDefinitionError(ErrorCode.CONVERSIONFAILURE, "<job>", "the job definition is not an object")
+    panda_id = _integer(raw, "PandaID", required=True)
+    assert panda_id is not None
+    if panda_id <= 0:
+        raise JobDefinitionError(
+            ErrorCode.CONVERSIONFAILURE, "PandaID", f"not a positive integer: {panda_id}"
+        )
+    transformation = _text(raw, "transformation").strip()
+    if not transformation:
+        raise JobDefinitionError(ErrorCode.NOTDEFINED, "transformation", "missing")
+    core_count = _integer(raw, "coreCount") or 1
+    outputs, log = _parse_outputs(raw)
+    flags = frozenset(
+        key for key, value in raw.items() if value is True or (isinstance(value, str) and value == "True")
+    )
+    return Job(
+        panda_id=panda_id,
+        transformation=transformation,
+        job_pars=_text(raw, "jobPars"),
+        attempt_nr=_integer(raw, "attemptNr"),
+        task_id=_integer(raw, "taskID"),
+        jobset_id=_integer(raw, "jobsetID"),
+        job_name=_text(raw, "jobName"),
+        job_definition_id=_integer(raw, "jobDefinitionID"),
+        label=_text(raw, "prodSourceLabel"),
+        swrelease=_text(raw, "swRelease"),
+        homepackage=_text(raw, "homepackage"),
+        cmtconfig=_text(raw, "cmtConfig"),
+        processing_type=_text(raw, "processingType"),
+        transfer_type=_text(raw, "transferType"),
+        resource_type=_text(raw, "resource_type"),
+        core_count=max(1, core_count),
+        max_walltime=_integer(raw, "maxWalltime"),
+        min_ram=_integer(raw, "minRamCount"),
+        max_disk=_integer(raw, "maxDiskCount"),
+        max_cpu=_integer(raw, "maxCpuCount"),
+        inputs=_parse_inputs(raw),
+        outputs=outputs,
+        log=log,
+        flags=flags,
+        raw=dict(raw),
+    )
+
+
+def panda_id_of(raw: object) -> int | None:
+    """The PandaID of a (possibly malformed) job definition, if one can be read.
+
+    Used to report a job whose definition failed validation: without a PandaID the
+    server cannot be told, and the pilot only logs it.
+    """
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        return _integer(raw, "PandaID", required=True)
+    except JobDefinitionError:
+        return None
+
+
+def attempt_nr_of(raw: object) -> int | None:
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        return _integer(raw, "attemptNr")
+    except JobDefinitionError:
+        return None

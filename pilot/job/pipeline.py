@@ -1,0 +1,578 @@
+"""One job, from definition to final update: setup → stage-in → payload → stage-out → report.
+
+``JobRun.run`` is one coroutine that walks the job through the phases of
+``pilot.job.states``; there are no queues to poll and no sleeps.  ``JobRun.abort``
+(a signal, the end of the pilot's lifetime, a kill from the server) records the
+reason with priority, kills the payload through the runner's TERM→KILL escalation
+or cancels the step in progress, and lets the coroutine fall through to the final
+update, which is always sent.
+
+Errors are values: a step raises ``PilotError`` with PanDA's code; the run records it
+and reports the job ``failed`` (or ``holding`` when recoverable).  Anything else is a
+bug, reported as UNKNOWNEXCEPTION with the traceback in the log, and the pilot goes
+on with the next job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import resource
+import shutil
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.logger import Logger
+
+from pilot.config import KeepWorkdirs, PilotConfig
+from pilot.errorcodes import ErrorCode
+from pilot.errors import JobErrors, PilotError, error_for_signal
+from pilot.interfaces import IExperiment
+from pilot.job.heartbeat import Heartbeat
+from pilot.job.logtarball import create_log_tarball
+from pilot.job.model import Job, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
+from pilot.job.outputs import ReportedFile, ThreadRunner, describe_outputs, job_output_report
+from pilot.job.reporter import FinalUpdateLost, JobReporter, PilotIdentity
+from pilot.job.states import JobLifecycle, JobPhase, ServerState, final_server_state
+from pilot.job.transformation import download_sources, fetch_transformation
+from pilot.logs import pilot_observer
+from pilot.process.environment import payload_environment
+from pilot.process.runner import ManagedProcess, ProcessOutcome, ProcessStartError
+from pilot.queuedata import QueueData
+from pilot.server.client import JobUpdate, PandaClient, UpdateResult
+from pilot.util.checksum import file_facts
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobEnvironment:
+    """Everything a job run needs from the pilot (all injected, nothing global)."""
+
+    client: PandaClient
+    clock: IReactorTime
+    spawner: IReactorProcess
+    in_thread: ThreadRunner
+    config: PilotConfig
+    queuedata: QueueData
+    experiment: IExperiment
+    identity: PilotIdentity
+    pilot_dir: Path
+    pilot_environ: Mapping[str, str]
+    deadline: Callable[[], float]
+    on_softkill: Callable[[], None] = lambda: None
+
+
+@dataclass
+class JobSummary:
+    """The machine-readable record of one job (logged, and written to --summary-file)."""
+
+    panda_id: int | None
+    state: str
+    exit_code: int | None = None
+    pilot_error_code: int = 0
+    pilot_error_diag: str = ""
+    final_update: str = "not-sent"
+    commands: list[str] = field(default_factory=list)
+    durations: dict[str, float] = field(default_factory=dict)
+    received_at: float = 0.0
+    ended_at: float = 0.0
+    workdir: str = ""
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time of every child the pilot has reaped so far (payload trees included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in kB."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            continue
+    return total // 1024
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time used so far by a live process tree (user + system, reaped children included)."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+class JobRun:
+    """One job's run; see the module docstring."""
+
+    log = Logger(observer=pilot_observer)
+
+    def __init__(
+        self, env: JobEnvironment, definition: Mapping[str, Any], *, getjob_seconds: float = 0.0
+    ) -> None:
+        self.env = env
+        self.definition = definition
+        self.errors = JobErrors()
+        self.summary = JobSummary(
+            panda_id=panda_id_of(definition), state="received", received_at=env.clock.seconds()
+        )
+        self.job: Job | None = None
+        self.workdir: Path | None = None
+        self._getjob_seconds = getjob_seconds
+        self._lifecycle: JobLifecycle | None = None
+        self._reporter: JobReporter | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._process: ManagedProcess | None = None
+        self._outcome: ProcessOutcome | None = None
+        self._step: Deferred[Any] | None = None
+        self._aborted = False
+        self._keep_log_on_abort = True
+        self._final_deadline: float | None = None
+        self._max_rss_kb = 0
+        self._cpu_at_start = 0.0
+        self._payload_cpu = 0.0
+        self._pending: list[Deferred[None]] = []
+        self._reported: list[ReportedFile] = []
+        self._transformation = ""
+
+    # -- control from outside ------------------------------------------------------
+
+    def abort(
+        self,
+        code: ErrorCode,
+        detail: str,
+        *,
+        keep_log: bool = False,
+        final_deadline: float | None = None,
+        kill_now: bool = False,
+    ) -> None:
+        """Stop this job for ``code``: kill the payload or cancel the current step."""
+        if final_deadline is not None:
+            self._final_deadline = (
+                final_deadline if self._final_deadline is None else min(self._final_deadline, final_deadline)
+            )
+        if self._lifecycle is not None and self._lifecycle.is_terminal:
+            return
+        first_abort = not self._aborted
+        self._aborted = True
+        self._keep_log_on_abort = self._keep_log_on_abort and keep_log
+        if first_abort:
+            self.errors.record(code, detail, priority=True)
+            self.log.warn(
+                "job {pandaid}: aborting: {code} {detail}",
+                pandaid=self.summary.panda_id,
+                code=code.name,
+                detail=detail,
+                event="job.abort",
+            )
+        if self._process is not None and self._process.running:
+            if kill_now:
+                self._process.kill()
+            else:
+                self._process.terminate(code.name)
+        elif self._step is not None:
+            self._step.cancel()
+
+    @property
+    def panda_id(self) -> int | None:
+        return self.summary.panda_id
+
+    # -- the run -------------------------------------------------------------------
+
+    async def run(self) -> JobSummary:
+        try:
+            self.job = parse_job(self.definition)
+        except JobDefinitionError as exc:
+            return await self._reject(exc)
+        job = self.job
+        self._lifecycle = JobLifecycle(job.panda_id, self.env.clock)
+        self._reporter = JobReporter(
+            self.env.client, self.env.clock, job.panda_id, job.attempt_nr, self.env.identity
+        )
+        self.log.info(
+            "job {pandaid} (attempt {attempt}) received: {transformation}",
+            pandaid=job.panda_id,
+            attempt=job.attempt_nr,
+            transformation=job.transformation,
+            event="job.received",
+        )
+        try:
+            await self._setup(job)
+            await self._stage_in(job)
+            await self._execute(job)
+            await self._stage_out(job)
+        except PilotError as exc:
+            self.errors.record_exception(exc)
+        except CancelledError:
+            if not self._aborted:
+                raise
+        except Exception as exc:  # noqa: BLE001 - a pilot bug must not lose the job
+            self.log.failure("job {pandaid}: unexpected error", pandaid=job.panda_id)
+            self.errors.record(ErrorCode.UNKNOWNEXCEPTION, f"{type(exc).__name__}: {exc}")
+        return await self._finish(job)
+
+    async def _guard(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Await a step so that ``abort`` can cancel it."""
+        if self._aborted:
+            coroutine.close()
+            raise CancelledError()
+        step: Deferred[T] = Deferred.fromCoroutine(coroutine)
+        self._step = step
+        try:
+            return await step
+        finally:
+            self._step = None
+
+    def _advance(self, phase: JobPhase) -> ServerState | None:
+        assert self._lifecycle is not None
+        return self._lifecycle.advance(phase)
+
+    async def _setup(self, job: Job) -> None:
+        state = self._advance(JobPhase.SETUP)
+        self.workdir = self._make_workdir(job)
+        if state is not None:
+            await self._send(state)
+        self._heartbeat = Heartbeat(
+            self.env.clock,
+            self.env.config.heartbeat_period,
+            self.env.config.debug_heartbeat_period,
+            self._beat,
+            debug=job.is_debug,
+        )
+        self._heartbeat.start()
+        sources = download_sources(job, self.env.config.baseurls)
+        self._transformation = job.transformation
+        if sources:
+            workdir = self.workdir
+            path = await self._guard(
+                fetch_transformation(sources, workdir, lambda url: self.env.client.get_bytes(url))
+            )
+            self._transformation = f"./{path.name}"
+
+    def _make_workdir(self, job: Job) -> Path:
+        workdir = self.env.pilot_dir / f"PanDA_Pilot-{job.panda_id}"
+        try:
+            if workdir.exists():
+                shutil.rmtree(workdir)
+            workdir.mkdir(mode=0o755)
+            (workdir / "tmp").mkdir()
+        except OSError as exc:
+            raise PilotError(ErrorCode.MKDIR, f"{workdir}: {exc.strerror}") from None
+        self.summary.workdir = str(workdir)
+        return workdir
+
+    async def _stage_in(self, job: Job) -> None:
+        self._advance(JobPhase.STAGEIN)
+
+    async def _execute(self, job: Job) -> None:
+        assert self.workdir is not None
+        if self._aborted:
+            raise CancelledError()
+        workdir = self.workdir
+        experiment = self.env.experiment
+        command = experiment.payload_command(job, self._transformation, workdir)
+        base_env = payload_environment(job, workdir, self.env.pilot_environ, self.env.queuedata.environ)
+        environ = experiment.payload_environment(job, workdir, base_env)
+        process = ManagedProcess(
+            self.env.spawner,
+            self.env.clock,
+            ["/bin/bash", "-c", command],
+            env=environ,
+            cwd=workdir,
+            stdout=workdir / "payload.stdout",
+            stderr=workdir / "payload.stderr",
+            kill_grace=self.env.config.kill_grace,
+            name=f"payload of job {job.panda_id}",
+        )
+        self._cpu_at_start = _children_cpu_seconds()
+        try:
+            pid = process.start()
+        except ProcessStartError as exc:
+            raise PilotError(ErrorCode.PAYLOADEXECUTIONFAILURE, str(exc)) from None
+        self._process = process
+        self.log.info(
+            "job {pandaid}: payload started as pid {pid}",
+            pandaid=job.panda_id,
+            pid=pid,
+            event="job.payload_start",
+        )
+        state = self._advance(JobPhase.RUNNING)
+        if state is not None:
+            self._background(self._send(state))
+        outcome = await process.wait()
+        self._outcome = outcome
+        self._payload_cpu = max(0.0, _children_cpu_seconds() - self._cpu_at_start)
+        self.summary.exit_code = outcome.shell_status
+        self.log.info(
+            "job {pandaid}: payload ended: exit {exit_code}, signal {signal}, {wall:.2f} s",
+            pandaid=job.panda_id,
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            wall=outcome.wall_time,
+            event="job.payload_end",
+        )
+        if outcome.terminated_by_pilot:
+            raise CancelledError()
+        if outcome.signal is not None:
+            raise PilotError(error_for_signal(outcome.signal), f"payload killed by signal {outcome.signal}")
+        if outcome.exit_code != 0:
+            raise PilotError(
+                ErrorCode.PAYLOADEXECUTIONFAILURE, f"payload exited with code {outcome.exit_code}"
+            )
+
+    async def _stage_out(self, job: Job) -> None:
+        assert self.workdir is not None
+        self._advance(JobPhase.STAGEOUT)
+        self._reported = await self._guard(describe_outputs(job, self.workdir, self.env.in_thread))
+
+    async def _make_log_tarball(self, job: Job) -> ReportedFile | None:
+        """Create and describe the log tarball; a failure is recorded, not raised."""
+        if job.log is None or self.workdir is None:
+            return None
+        try:
+            path = await create_log_tarball(
+                spawner=self.env.spawner,
+                clock=self.env.clock,
+                in_thread=self.env.in_thread,
+                workdir=self.workdir,
+                destination=self.env.pilot_dir / "logs" / job.log.lfn,
+                panda_id=job.panda_id,
+                queue=self.env.queuedata.name,
+            )
+            facts = await self.env.in_thread(file_facts, path)
+        except PilotError as exc:
+            self.errors.record_exception(exc)
+            return None
+        return ReportedFile(job.log.lfn, job.log.guid, facts, path, is_log=True)
+
+    async def _finish(self, job: Job) -> JobSummary:
+        assert self._lifecycle is not None and self._reporter is not None
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()
+        if self._lifecycle.phase is not JobPhase.STAGEOUT:
+            self._reported = []  # outputs count only if the job got through stage-out
+        if not self._aborted or self._keep_log_on_abort:
+            log_entry = await self._make_log_tarball(job)
+            if log_entry is not None:
+                self._reported.append(log_entry)
+        failed = bool(self.errors) or self._aborted
+        self._advance(JobPhase.FAILED if failed else JobPhase.FINISHED)
+        for pending in self._pending:
+            await pending
+        final = final_server_state(self._lifecycle.phase, self.errors)
+        await self._send_final(job, final)
+        self.summary.state = final.value
+        self._record_summary(job)
+        await self._cleanup(final)
+        return self.summary
+
+    def _final_fields(self, job: Job, state: ServerState) -> JobUpdate:
+        assert self._lifecycle is not None
+        first = self.errors.first
+        outcome = self._outcome
+        life = self._lifecycle
+        timing = "|".join(
+            str(round(x))
+            for x in (
+                self._getjob_seconds,
+                life.duration(JobPhase.STAGEIN, JobPhase.RUNNING),
+                outcome.wall_time if outcome else 0.0,
+                life.duration(JobPhase.STAGEOUT, life.phase),
+                0.0,
+                life.duration(JobPhase.SETUP, JobPhase.STAGEIN),
+            )
+        )
+        metrics = f"coreCount={job.core_count}"
+        return JobUpdate(
+            job_id=job.panda_id,
+            state=state.value,
+            trans_exit_code=outcome.shell_status if outcome is not None else None,
+            pilot_error_code=int(first.code) if first else 0,
+            pilot_error_diag=first.diag if first else None,
+            start_time=_utc(outcome.started) if outcome else None,
+            end_time=_utc(outcome.ended if outcome else self.env.clock.seconds()),
+            pilot_timing=timing,
+            cpu_consumption_time=int(round(self._payload_cpu)),
+            cpu_consumption_unit="s",
+            core_count=job.core_count,
+            n_input_files=len(job.inputs),
+            job_metrics=metrics,
+            job_output_report=job_output_report(self._reported) if self._reported else None,
+            max_rss=self._max_rss_kb or None,
+        )
+
+    async def _send_final(self, job: Job, state: ServerState) -> None:
+        assert self._reporter is not None
+        deadline = self._final_deadline if self._final_deadline is not None else self.env.deadline()
+        try:
+            result = await self._reporter.send_final(state, self._final_fields(job, state), deadline)
+        except FinalUpdateLost as exc:
+            self.summary.final_update = "lost"
+            self.log.critical("{error}", error=str(exc), event="job.final_update_lost", pandaid=job.panda_id)
+            return
+        self.summary.final_update = "delivered"
+        self.summary.commands += list(result.commands)
+        if "softkill" in result.commands:
+            self.env.on_softkill()
+
+    async def _reject(self, error: JobDefinitionError) -> JobSummary:
+        """Report (if possible) a job whose definition cannot be run; never raises."""
+        self.errors.record_exception(error)
+        panda_id = self.summary.panda_id
+        self.summary.state = "failed"
+        first = self.errors.first
+        assert first is not None
+        self.summary.pilot_error_code = int(first.code)
+        self.summary.pilot_error_diag = first.diag
+        self.log.error(
+            "job {pandaid}: rejected: {diag}",
+            pandaid=panda_id,
+            diag=first.diag,
+            event="job.rejected",
+        )
+        if panda_id is None:
+            self.summary.state = "rejected"
+            self.summary.ended_at = self.env.clock.seconds()
+            return self.summary
+        reporter = JobReporter(
+            self.env.client, self.env.clock, panda_id, attempt_nr_of(self.definition), self.env.identity
+        )
+        self._reporter = reporter
+        fields = JobUpdate(
+            job_id=panda_id,
+            state=ServerState.FAILED.value,
+            pilot_error_code=int(first.code),
+            pilot_error_diag=first.diag,
+            end_time=_utc(self.env.clock.seconds()),
+        )
+        deadline = self._final_deadline if self._final_deadline is not None else self.env.deadline()
+        try:
+            await reporter.send_final(ServerState.FAILED, fields, deadline)
+            self.summary.final_update = "delivered"
+        except FinalUpdateLost as exc:
+            self.summary.final_update = "lost"
+            self.log.critical("{error}", error=str(exc), event="job.final_update_lost", pandaid=panda_id)
+        self.summary.ended_at = self.env.clock.seconds()
+        return self.summary
+
+    # -- updates and commands ------------------------------------------------------
+
+    async def _send(self, state: ServerState, fields: JobUpdate | None = None) -> None:
+        assert self._reporter is not None
+        result = await self._reporter.send(state, fields)
+        if result is not None:
+            self._handle_commands(result)
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        d = Deferred.fromCoroutine(coroutine)
+        d.addErrback(lambda f: self.log.failure("background update failed", f))
+        self._pending.append(d)
+
+    async def _beat(self) -> None:
+        assert self._reporter is not None and self._lifecycle is not None and self.job is not None
+        state = self._lifecycle.heartbeat_state
+        if state is None or self._reporter.busy:
+            return
+        fields = JobUpdate(job_id=self.job.panda_id, state=state.value, core_count=self.job.core_count)
+        process = self._process
+        if process is not None and process.running and process.pid is not None:
+            self._max_rss_kb = max(self._max_rss_kb, tree_rss_kb(process.pid))
+            fields = JobUpdate(
+                job_id=self.job.panda_id,
+                state=state.value,
+                core_count=self.job.core_count,
+                cpu_consumption_time=int(tree_cpu_seconds(process.pid)),
+                cpu_consumption_unit="s",
+                max_rss=self._max_rss_kb or None,
+            )
+        await self._send(state, fields)
+
+    def _handle_commands(self, result: UpdateResult) -> None:
+        commands = set(result.commands)
+        self.summary.commands += [c for c in result.commands if c not in self.summary.commands]
+        if "tobekilled" in commands:
+            self.abort(ErrorCode.PANDAKILL, "the server asked for the job to be killed", keep_log=True)
+        elif "alreadydone" in commands:
+            self.abort(ErrorCode.FAILEDBYSERVER, "the server has already ended this job", keep_log=False)
+        if "softkill" in commands:
+            self.env.on_softkill()
+        if self._heartbeat is not None:
+            if "debug" in commands:
+                self._heartbeat.set_debug(True)
+            elif "debugoff" in commands:
+                self._heartbeat.set_debug(False)
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def _record_summary(self, job: Job) -> None:
+        assert self._lifecycle is not None
+        life = self._lifecycle
+        first = self.errors.first
+        self.summary.pilot_error_code = int(first.code) if first else 0
+        self.summary.pilot_error_diag = first.diag if first else ""
+        self.summary.ended_at = self.env.clock.seconds()
+        self.summary.durations = {
+            "setup": round(life.duration(JobPhase.SETUP, JobPhase.STAGEIN), 3),
+            "stagein": round(life.duration(JobPhase.STAGEIN, JobPhase.RUNNING), 3),
+            "payload": round(self._outcome.wall_time, 3) if self._outcome else 0.0,
+            "stageout": round(life.duration(JobPhase.STAGEOUT, life.phase), 3),
+            "total": round(self.summary.ended_at - self.summary.received_at, 3),
+        }
+        self.summary.outputs = {
+            f.lfn: {"guid": f.guid, "fsize": f.facts.size, "adler32": f.facts.adler32} for f in self._reported
+        }
+        self.log.info(
+            "job {pandaid}: {state} (exit {exit_code}, pilot error {code}) in {total:.2f} s",
+            pandaid=job.panda_id,
+            state=self.summary.state,
+            exit_code=self.summary.exit_code,
+            code=self.summary.pilot_error_code,
+            total=self.summary.durations["total"],
+            summary=self.summary.to_json(),
+            event="job.summary",
+        )
+        if self.workdir is not None and self.workdir.is_dir():
+            (self.workdir / "job_summary.json").write_text(json.dumps(self.summary.to_json(), indent=1))
+
+    async def _cleanup(self, state: ServerState) -> None:
+        keep = self.env.config.keep_workdirs
+        if self.workdir is None:
+            return
+        if keep is KeepWorkdirs.ALL or (keep is KeepWorkdirs.FAILED and state is not ServerState.FINISHED):
+            return
+        if self._process is not None and self._process.cleaning_up:
+            self._process.sweep_now()
+        for entry in self._reported:
+            if entry.is_log:
+                entry.path.unlink(missing_ok=True)
+        await self.env.in_thread(shutil.rmtree, self.workdir, True)

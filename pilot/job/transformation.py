@@ -1,0 +1,81 @@
+"""Getting a job's transformation ready to run.
+
+Production jobs name a transformation installed on the node (``/bin/echo``,
+``Reco_tf.py``).  Analysis jobs name a script by URL (``https://.../runGen-00-00-02``),
+which the pilot downloads into the work directory and makes executable.  A relative
+name (``runGen-00-00-02``) is fetched from the ``--baseurls`` mirrors when they are
+configured; when a URL download fails, the same file name is tried on each mirror.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from twisted.logger import Logger
+
+from pilot.errorcodes import ErrorCode
+from pilot.errors import PilotError
+from pilot.job.model import Job
+from pilot.logs import pilot_observer
+
+log = Logger(observer=pilot_observer)
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+Downloader = Callable[[str], Awaitable[bytes]]
+
+
+def _is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def download_sources(job: Job, baseurls: Sequence[str]) -> list[str]:
+    """The URLs to try for the job's transformation, in order; empty: run it as it is."""
+    trf = job.transformation
+    if _is_url(trf):
+        name = os.path.basename(urlsplit(trf).path)
+        mirrors = [f"{base}/{name}" for base in baseurls if name and not trf.startswith(base + "/")]
+        return [trf, *mirrors]
+    if baseurls and _SAFE_NAME.fullmatch(trf):
+        return [f"{base}/{trf}" for base in baseurls]
+    return []
+
+
+def local_name(url: str) -> str:
+    """A safe file name for a downloaded transformation (never a path, never an option)."""
+    name = os.path.basename(urlsplit(url).path)
+    return name if _SAFE_NAME.fullmatch(name) else "transformation"
+
+
+async def fetch_transformation(urls: Sequence[str], workdir: Path, download: Downloader) -> Path:
+    """Download the first URL that works into ``workdir`` and make it executable.
+
+    Raises PilotError(TRFDOWNLOADFAILURE) if none works, PilotError(CHMODTRF) if
+    the file cannot be made executable.
+    """
+    errors: list[str] = []
+    for url in urls:
+        try:
+            content = await download(url)
+        except Exception as exc:  # noqa: BLE001 - every failure means "try the next mirror"
+            errors.append(f"{url}: {exc}")
+            log.warn("cannot download transformation {url}: {error}", url=url, error=str(exc))
+            continue
+        target = workdir / local_name(url)
+        target.write_bytes(content)
+        try:
+            target.chmod(0o755)
+        except OSError as exc:
+            raise PilotError(ErrorCode.CHMODTRF, f"{target}: {exc.strerror}") from None
+        log.info(
+            "downloaded transformation {url} ({size} bytes)",
+            url=url,
+            size=len(content),
+            event="job.transformation",
+        )
+        return target
+    raise PilotError(ErrorCode.TRFDOWNLOADFAILURE, "; ".join(errors) or "no source to download from")

@@ -1,0 +1,59 @@
+"""Structured logging: one level switch for the pilot's events, and the JSON log file.
+
+All pilot modules log through ``twisted.logger.Logger`` objects whose observer is
+``pilot_observer``: a level filter in front of the global log publisher.  twistd
+prints whatever reaches the global publisher on the console, so this filter is what
+keeps debug events off the console unless ``--debug`` is given.  The JSON log file
+(RFC 7464 records, one per event, readable with ``eventsFromJSONLogFile``) is an
+additional observer on the global publisher.
+
+Event field names are a schema: ``event`` (a dotted event type such as
+``job.phase``), ``pandaid``, ``state``... keep them stable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import IO
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
+
+_levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+
+#: Observer for every pilot Logger: drops events below the configured level.
+pilot_observer: ILogObserver = FilteringLogObserver(globalLogPublisher, [_levels])
+
+
+def set_debug(debug: bool) -> None:
+    """Let debug events through (``--debug``) or not."""
+    _levels.setLogLevelForNamespace("", LogLevel.debug if debug else LogLevel.info)
+
+
+class JsonLogFile:
+    """The pilot's JSON log file, attached to the global log publisher while open."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+        self._observer: ILogObserver | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("a", encoding="utf-8")
+        self._observer = jsonFileLogObserver(self._handle)
+        globalLogPublisher.addObserver(self._observer)
+
+    def close(self) -> None:
+        if self._observer is not None:
+            globalLogPublisher.removeObserver(self._observer)
+            self._observer = None
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

@@ -1,0 +1,116 @@
+"""The payload's environment: built explicitly, never inherited wholesale.
+
+A pilot's own environment holds its credentials (``X509_USER_PROXY``, OIDC token
+paths, cloud keys).  A payload must not see them unless the job asks for them, so
+the payload environment is assembled from:
+
+1. an allow-list of variables from the pilot's environment that payloads
+   legitimately need (locale, ``PATH``, HTTP proxies for Frontier/CVMFS, the grid CA
+   directory, batch-system slot information), minus anything whose name looks like a
+   credential;
+2. the queue's ``environ`` setting;
+3. job variables: ``PandaID``, ``PanDA_TaskID``, ``PanDA_AttemptNr``, ``TZ=UTC``,
+   ``ATHENA_PROC_NUMBER``/``ATHENA_CORE_NUMBER`` from the core count.
+
+Experiment plug-ins can add to it (see ``pilot.interfaces``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from pathlib import Path
+
+from pilot.job.model import Job
+
+#: Variables passed through from the pilot's environment (exact names or globs).
+ALLOWED: tuple[str, ...] = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "HOSTNAME",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TERM",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "FRONTIER_SERVER",
+    "X509_CERT_DIR",
+    "X509_VOMS_DIR",
+    "VO_*",
+    "SITE_NAME",
+    "ATLAS_LOCAL_ROOT_BASE",
+    "ALRB_*",
+    "CVMFS_*",
+    "OSG_*",
+    "GLIDEIN_Site",
+    "SLURM_JOB_ID",
+    "SLURM_CPUS_ON_NODE",
+    "SLURM_JOB_END_TIME",
+    "_CONDOR_SCRATCH_DIR",
+    "OMP_NUM_THREADS",
+)
+
+#: Names that are never passed through, whatever the allow-list says.
+DENIED: tuple[str, ...] = (
+    "X509_USER_PROXY",
+    "X509_USER_CERT",
+    "X509_USER_KEY",
+    "*TOKEN*",
+    "*SECRET*",
+    "*PASSWORD*",
+    "*PASSWD*",
+    "*CREDENTIAL*",
+    "*_KEY",
+    "*_KEY_ID",
+    "PANDA_AUTH_*",
+    "OIDC_*",
+    "BEARER_*",
+)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def is_denied(name: str) -> bool:
+    """Whether ``name`` looks like a credential (case-insensitive)."""
+    upper = name.upper()
+    return _matches(upper, tuple(p.upper() for p in DENIED))
+
+
+def payload_environment(
+    job: Job,
+    workdir: Path,
+    pilot_environ: Mapping[str, str],
+    queue_environ: Mapping[str, str] = {},
+) -> dict[str, str]:
+    """The complete environment for ``job``'s payload."""
+    env = {
+        name: value
+        for name, value in pilot_environ.items()
+        if _matches(name, ALLOWED) and not is_denied(name)
+    }
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update({k: v for k, v in queue_environ.items() if not is_denied(k)})
+    env.update(
+        {
+            "PandaID": str(job.panda_id),
+            "PanDA_TaskID": str(job.task_id) if job.task_id is not None else "",
+            "PanDA_AttemptNr": str(job.attempt_nr) if job.attempt_nr is not None else "",
+            "TZ": "UTC",
+            "PILOT_JOB_WORKDIR": str(workdir),
+            "TMPDIR": str(workdir / "tmp"),
+        }
+    )
+    if job.core_count > 1:
+        env["ATHENA_PROC_NUMBER"] = str(job.core_count)
+        env["ATHENA_CORE_NUMBER"] = str(job.core_count)
+    return env

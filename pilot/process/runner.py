@@ -1,0 +1,345 @@
+"""Child processes the pilot starts: own process group, output to files, sure kills.
+
+Every payload (and, later, every copytool and utility) runs through
+``ManagedProcess``:
+
+* It is started through ``setsid`` so that it leads a new session and process group
+  whose id equals its pid; killing the group reaches everything it forked, including
+  background children, without the pilot ever signalling a process it did not start.
+* stdout and stderr go straight to files (no pipes through the reactor, so a
+  background grandchild holding a pipe cannot delay the exit notification).
+* ``terminate`` sends SIGTERM to the group, then SIGKILL after ``kill_grace``
+  seconds, on the injected clock.  Descendants that left the group (``setsid`` of
+  their own) are found with psutil at kill time and signalled too, checked by
+  their start time so a recycled pid is never hit.  After the leader exits, the
+  group is signalled once more so that nothing it left behind survives.
+* A backstop fires if the process does not go away even after SIGKILL (a process
+  stuck in uninterruptible I/O), so the pilot is never stuck waiting forever.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+
+
+class ProcessStartError(Exception):
+    """The process could not be started at all (missing executable, unwritable output)."""
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    """How a managed process ended."""
+
+    pid: int
+    exit_code: int | None
+    signal: int | None
+    started: float
+    ended: float
+    terminated_by_pilot: bool = False
+    lost: bool = False  # never confirmed dead, even after SIGKILL (backstop fired)
+
+    @property
+    def wall_time(self) -> float:
+        return max(0.0, self.ended - self.started)
+
+    @property
+    def shell_status(self) -> int:
+        """The status a shell would show: the exit code, or 128 + signal number."""
+        if self.exit_code is not None:
+            return self.exit_code
+        return 128 + (self.signal or signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class _Descendant:
+    pid: int
+    create_time: float
+
+
+class _Protocol(ProcessProtocol):
+    def __init__(self, owner: ManagedProcess) -> None:
+        self._owner = owner
+
+    def processEnded(self, reason: Failure) -> None:
+        self._owner._ended(reason)
+
+
+class ManagedProcess:
+    """One child process in its own process group; see the module docstring."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        spawner: IReactorProcess,
+        clock: IReactorTime,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path,
+        stdout: Path,
+        stderr: Path,
+        kill_grace: float = 10.0,
+        backstop: float = 60.0,
+        name: str = "process",
+    ) -> None:
+        if not argv:
+            raise ValueError("empty argv")
+        self._spawner = spawner
+        self._clock = clock
+        self._argv = list(argv)
+        self._env = dict(env)
+        self._cwd = cwd
+        self._stdout = stdout
+        self._stderr = stderr
+        self.kill_grace = kill_grace
+        self.backstop = backstop
+        self.name = name
+        self._transport: IProcessTransport | None = None
+        self._started: float | None = None
+        self._outcome: ProcessOutcome | None = None
+        self._waiters: list[Deferred[ProcessOutcome]] = []
+        self._terminating = False
+        self._kill_call: IDelayedCall | None = None
+        self._backstop_call: IDelayedCall | None = None
+        self._cleanup_call: IDelayedCall | None = None
+        self._descendants: set[_Descendant] = set()
+
+    # -- life ----------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Spawn the process; returns its pid (also its process group id)."""
+        if self._transport is not None:
+            raise RuntimeError(f"{self.name} already started")
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            out = os.open(self._stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            os.close(devnull)
+            raise ProcessStartError(f"cannot create {self._stdout}: {exc.strerror}") from None
+        try:
+            err = (
+                out
+                if self._stderr == self._stdout
+                else os.open(self._stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            )
+        except OSError as exc:
+            os.close(devnull)
+            os.close(out)
+            raise ProcessStartError(f"cannot create {self._stderr}: {exc.strerror}") from None
+        try:
+            self._transport = self._spawner.spawnProcess(
+                _Protocol(self),
+                SETSID,
+                [SETSID, *self._argv],
+                env=self._env,
+                path=str(self._cwd),
+                childFDs={0: devnull, 1: out, 2: err},
+            )
+        except OSError as exc:
+            raise ProcessStartError(f"cannot start {self._argv[0]}: {exc}") from None
+        finally:
+            for fd in {devnull, out, err}:
+                os.close(fd)
+        self._started = self._clock.seconds()
+        pid = self._transport.pid
+        assert isinstance(pid, int)
+        self.log.debug("{name} started as pid {pid}", name=self.name, pid=pid, event="process.start")
+        return pid
+
+    @property
+    def pid(self) -> int | None:
+        return self._transport.pid if self._transport is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._transport is not None and self._outcome is None
+
+    @property
+    def outcome(self) -> ProcessOutcome | None:
+        return self._outcome
+
+    def wait(self) -> Deferred[ProcessOutcome]:
+        """A new Deferred that fires with the outcome once the process has ended."""
+        waiter: Deferred[ProcessOutcome] = Deferred()
+        if self._outcome is not None:
+            waiter.callback(self._outcome)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def terminate(self, reason: str = "") -> Deferred[ProcessOutcome]:
+        """SIGTERM the group now, SIGKILL after ``kill_grace``; fires when it has ended."""
+        if self._outcome is None and self._transport is not None and not self._terminating:
+            self._terminating = True
+            self.log.info(
+                "terminating {name} (pid {pid}): {reason}",
+                name=self.name,
+                pid=self.pid,
+                reason=reason or "requested",
+                event="process.terminate",
+            )
+            self._remember_descendants()
+            self._signal_all(signal.SIGTERM)
+            self._kill_call = self._clock.callLater(self.kill_grace, self._escalate)
+        return self.wait()
+
+    def kill(self) -> Deferred[ProcessOutcome]:
+        """SIGKILL the group at once (a second stop request, or the grace is spent)."""
+        if self._outcome is None and self._transport is not None:
+            self._terminating = True
+            self._remember_descendants()
+            self._escalate()
+        return self.wait()
+
+    # -- internals -----------------------------------------------------------------
+
+    def _escalate(self) -> None:
+        self._kill_call = None
+        self._signal_all(signal.SIGKILL)
+        if self._outcome is None and self._backstop_call is None:
+            self._backstop_call = self._clock.callLater(self.backstop, self._give_up)
+
+    def _give_up(self) -> None:
+        self._backstop_call = None
+        if self._outcome is not None:
+            return
+        self.log.error(
+            "{name} (pid {pid}) did not end {backstop} s after SIGKILL; giving up on it",
+            name=self.name,
+            pid=self.pid,
+            backstop=self.backstop,
+            event="process.lost",
+        )
+        self._finish(None, signal.SIGKILL, lost=True)
+
+    def _remember_descendants(self) -> None:
+        """Record every live descendant, including any that left the process group."""
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for child in children:
+            try:
+                self._descendants.add(_Descendant(child.pid, child.create_time()))
+            except psutil.Error:
+                continue
+
+    def _signal_all(self, signum: int) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        if pid != os.getpgrp():  # never our own group, whatever happens
+            try:
+                os.killpg(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for descendant in list(self._descendants):
+            try:
+                process = psutil.Process(descendant.pid)
+                if process.create_time() != descendant.create_time:
+                    raise psutil.NoSuchProcess(descendant.pid)
+                process.send_signal(signum)
+            except psutil.Error:
+                self._descendants.discard(descendant)
+
+    def _ended(self, reason: Failure) -> None:
+        exit_code: int | None = None
+        signum: int | None = None
+        value = reason.value
+        if isinstance(value, ProcessDone):
+            exit_code = 0
+        elif isinstance(value, ProcessTerminated):
+            exit_code = value.exitCode
+            signum = value.signal
+        # Whatever the leader left behind in its group (or outside it) goes now:
+        # at once if we were killing it anyway, else TERM now and KILL after the grace.
+        if self._group_alive() or self._descendants:
+            self._remember_descendants_of_group()
+            self._signal_all(signal.SIGKILL if self._terminating else signal.SIGTERM)
+            if not self._terminating:
+                self._cleanup_call = self._clock.callLater(self.kill_grace, self._sweep)
+        self._finish(exit_code, signum)
+
+    def _sweep(self) -> None:
+        self._cleanup_call = None
+        self._signal_all(signal.SIGKILL)
+
+    def _group_alive(self) -> bool:
+        pid = self.pid
+        if pid is None or pid == os.getpgrp():
+            return False
+        try:
+            os.killpg(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    @property
+    def cleaning_up(self) -> bool:
+        """True while leftovers of an ended process still await their SIGKILL."""
+        return self._cleanup_call is not None and self._cleanup_call.active()
+
+    def sweep_now(self) -> None:
+        """SIGKILL leftovers immediately (the pilot is shutting down)."""
+        if self._cleanup_call is not None and self._cleanup_call.active():
+            self._cleanup_call.cancel()
+            self._sweep()
+
+    def _remember_descendants_of_group(self) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        for process in psutil.process_iter(["pid"]):
+            try:
+                if os.getpgid(process.pid) == pid:
+                    self._descendants.add(_Descendant(process.pid, process.create_time()))
+            except (OSError, psutil.Error):
+                continue
+
+    def _finish(self, exit_code: int | None, signum: int | None, *, lost: bool = False) -> None:
+        if self._outcome is not None:
+            return
+        for call in (self._kill_call, self._backstop_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._kill_call = self._backstop_call = None
+        assert self._started is not None and self.pid is not None
+        self._outcome = ProcessOutcome(
+            pid=self.pid,
+            exit_code=exit_code,
+            signal=signum,
+            started=self._started,
+            ended=self._clock.seconds(),
+            terminated_by_pilot=self._terminating,
+            lost=lost,
+        )
+        self.log.debug(
+            "{name} (pid {pid}) ended: exit {exit_code}, signal {signal}",
+            name=self.name,
+            pid=self.pid,
+            exit_code=exit_code,
+            signal=signum,
+            event="process.end",
+        )
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self._outcome)

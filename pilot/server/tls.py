@@ -1,0 +1,169 @@
+"""TLS for the pilot's HTTPS calls: whom to trust, and how to prove who we are.
+
+Verification of the server's certificate is always on; there is no switch to turn
+it off.  Trust comes from ``--cacert`` (a PEM bundle), ``--capath`` /
+``X509_CERT_DIR`` (a grid CA directory), or the system store.  The pilot proves its
+identity with the X.509 proxy in ``X509_USER_PROXY`` (one PEM file: the proxy
+certificate, its private key, then the chain) unless it authenticates with a token.
+
+Grid proxies are short-lived and renewed in place by the site; the proxy file's
+modification time is checked whenever a new connection is made, so a renewed proxy
+is used without restarting the pilot.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from OpenSSL import crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from pilot.config import Credentials
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN (?P<kind>[A-Z0-9 ]+)-----\r?\n.+?\r?\n-----END (?P=kind)-----",
+    re.DOTALL,
+)
+
+
+class CredentialError(Exception):
+    """The pilot's credentials or trust anchors cannot be used; the message says why."""
+
+
+def pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
+    """The (kind, block) pairs of a PEM file, in order (``CERTIFICATE``, ``PRIVATE KEY``...)."""
+    return [(m.group("kind").decode("ascii"), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
+
+
+def load_ca_certificates(cacert: Path | None, capath: Path | None) -> list[ssl.Certificate]:
+    """CA certificates from a PEM bundle and/or a hashed CA directory."""
+    certificates: list[ssl.Certificate] = []
+    sources: list[Path] = []
+    if cacert is not None:
+        sources.append(cacert)
+    if capath is not None:
+        try:
+            entries = sorted(capath.iterdir())
+        except OSError as exc:
+            raise CredentialError(f"cannot list CA directory {capath}: {exc.strerror}") from None
+        sources += [p for p in entries if p.suffix in (".0", ".1", ".2", ".pem", ".crt") and p.is_file()]
+    for path in sources:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CredentialError(f"cannot read CA file {path}: {exc.strerror}") from None
+        for kind, block in pem_blocks(data):
+            if kind in ("CERTIFICATE", "TRUSTED CERTIFICATE"):
+                try:
+                    certificates.append(ssl.Certificate.loadPEM(block))
+                except crypto.Error:
+                    continue
+    if (cacert is not None or capath is not None) and not certificates:
+        raise CredentialError(f"no CA certificate found in {cacert or capath}")
+    return certificates
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """A client certificate with its key and the chain that completes it."""
+
+    certificate: ssl.PrivateCertificate
+    chain: tuple[crypto.X509, ...]
+    subject: str
+
+
+def load_proxy(path: Path) -> ClientIdentity:
+    """Load an X509_USER_PROXY-style PEM: certificate, key and chain in one file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CredentialError(f"cannot read X.509 proxy {path}: {exc.strerror}") from None
+    blocks = pem_blocks(data)
+    certs = [block for kind, block in blocks if kind == "CERTIFICATE"]
+    keys = [block for kind, block in blocks if kind.endswith("PRIVATE KEY")]
+    if not certs or not keys:
+        raise CredentialError(f"X.509 proxy {path} must hold a certificate and its private key")
+    try:
+        leaf = ssl.Certificate.loadPEM(certs[0])
+        key = ssl.KeyPair.load(keys[0], crypto.FILETYPE_PEM)
+        chain = tuple(ssl.Certificate.loadPEM(c).original for c in certs[1:])
+    except crypto.Error as exc:
+        raise CredentialError(f"X.509 proxy {path} is not valid PEM: {exc}") from None
+    private = ssl.PrivateCertificate.fromCertificateAndKeyPair(leaf, key)
+    subject = "".join(
+        f"/{name.decode()}={value.decode()}" for name, value in leaf.original.get_subject().get_components()
+    )
+    return ClientIdentity(private, chain, subject)
+
+
+@implementer(IPolicyForHTTPS)
+class PilotTLSPolicy:
+    """Verifying TLS policy for treq/Agent, presenting the proxy when there is one.
+
+    ``stat`` is injectable so tests can simulate proxy renewal without touching mtimes.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        present_proxy: bool = True,
+        stat: Callable[[Path], float] = lambda p: p.stat().st_mtime,
+    ) -> None:
+        cas = load_ca_certificates(credentials.cacert, credentials.capath)
+        self._trust = ssl.trustRootFromCertificates(cas) if cas else ssl.platformTrust()
+        self._proxy = credentials.proxy if present_proxy else None
+        self._stat = stat
+        self._identity: ClientIdentity | None = None
+        self._identity_mtime: float | None = None
+        self._creators: dict[str, IOpenSSLClientConnectionCreator] = {}
+        if self._proxy is not None:
+            self._reload_identity()
+
+    def _reload_identity(self) -> None:
+        assert self._proxy is not None
+        try:
+            mtime = self._stat(self._proxy)
+        except OSError as exc:
+            raise CredentialError(f"X.509 proxy {self._proxy} is not accessible: {exc.strerror}") from None
+        if mtime == self._identity_mtime:
+            return
+        self._identity = load_proxy(self._proxy)
+        self._identity_mtime = mtime
+        self._creators.clear()
+        self.log.info(
+            "using client certificate {subject}", subject=self._identity.subject, event="tls.identity"
+        )
+
+    @property
+    def identity(self) -> ClientIdentity | None:
+        return self._identity
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        if self._proxy is not None:
+            try:
+                self._reload_identity()
+            except CredentialError as exc:
+                # Keep using the identity we have; the server will refuse it if it expired.
+                self.log.warn("cannot reload X.509 proxy: {error}", error=str(exc))
+        host = hostname.decode("ascii")
+        creator = self._creators.get(host)
+        if creator is None:
+            extra = {"extraCertChain": list(self._identity.chain)} if self._identity else None
+            creator = ssl.optionsForClientTLS(
+                host,
+                trustRoot=self._trust,
+                clientCertificate=self._identity.certificate if self._identity else None,
+                extraCertificateOptions=extra,
+            )
+            self._creators[host] = creator
+        return creator
