@@ -43,6 +43,7 @@ from pilot.job.outputs import ThreadRunner
 from pilot.job.pipeline import JobEnvironment, JobRun, JobSummary
 from pilot.job.reporter import PilotIdentity
 from pilot.logs import JsonLogFile, pilot_observer
+from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
 from pilot.server.client import JobRequest, PandaClient, ServerError, StatusCode
 
@@ -76,6 +77,7 @@ class PilotService(Service):
         stop_reactor: Callable[[], None] = lambda: None,
         close_connections: Callable[[], Deferred[None] | None] = lambda: None,
         jitter: Callable[[], float] = random.random,
+        process_control: ProcessControl = OS_PROCESS_CONTROL,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -87,6 +89,7 @@ class PilotService(Service):
         self._stop_reactor = stop_reactor
         self._close_connections = close_connections
         self._jitter = jitter
+        self._process_control = process_control
         self.exit_code: ExitCode | None = None
         self.summaries: list[JobSummary] = []
         self.pilot_dir: Path | None = None
@@ -406,6 +409,7 @@ class PilotService(Service):
             pilot_environ=self._environ,
             deadline=self._deadline,
             on_softkill=self.softkill,
+            process_control=self._process_control,
         )
         run = JobRun(env, definition, getjob_seconds=getjob_seconds)
         self._current = run

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.job.outputs import ThreadRunner, scan_workdir
-from pilot.process.runner import ManagedProcess, ProcessStartError
+from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 
 
 def tarball_timeout(total_bytes: int) -> float:
@@ -37,6 +37,7 @@ async def create_log_tarball(
     destination: Path,
     panda_id: int,
     queue: str,
+    control: ProcessControl = OS_PROCESS_CONTROL,
 ) -> Path:
     """Create ``destination`` from ``workdir``; PilotError(LOGFILECREATIONFAILURE/LOGCREATIONTIMEOUT)."""
     scan = await in_thread(scan_workdir, workdir)
@@ -70,6 +71,7 @@ async def create_log_tarball(
         stderr=stderr,
         kill_grace=5.0,
         name=f"log tarball of {panda_id}",
+        control=control,
     )
     timeout = tarball_timeout(scan.total_bytes)
     try:

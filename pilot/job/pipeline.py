@@ -42,7 +42,13 @@ from pilot.job.states import JobLifecycle, JobPhase, ServerState, final_server_s
 from pilot.job.transformation import download_sources, fetch_transformation
 from pilot.logs import pilot_observer
 from pilot.process.environment import payload_environment
-from pilot.process.runner import ManagedProcess, ProcessOutcome, ProcessStartError
+from pilot.process.runner import (
+    OS_PROCESS_CONTROL,
+    ManagedProcess,
+    ProcessControl,
+    ProcessOutcome,
+    ProcessStartError,
+)
 from pilot.queuedata import QueueData
 from pilot.server.client import JobUpdate, PandaClient, UpdateResult
 from pilot.util.checksum import file_facts
@@ -66,6 +72,7 @@ class JobEnvironment:
     pilot_environ: Mapping[str, str]
     deadline: Callable[[], float]
     on_softkill: Callable[[], None] = lambda: None
+    process_control: ProcessControl = OS_PROCESS_CONTROL
 
 
 @dataclass
@@ -313,6 +320,7 @@ class JobRun:
             stderr=workdir / "payload.stderr",
             kill_grace=self.env.config.kill_grace,
             name=f"payload of job {job.panda_id}",
+            control=self.env.process_control,
         )
         self._cpu_at_start = _children_cpu_seconds()
         try:
@@ -368,6 +376,7 @@ class JobRun:
                 destination=self.env.pilot_dir / "logs" / job.log.lfn,
                 panda_id=job.panda_id,
                 queue=self.env.queuedata.name,
+                control=self.env.process_control,
             )
             facts = await self.env.in_thread(file_facts, path)
         except PilotError as exc:

@@ -25,6 +25,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 from twisted.internet.defer import Deferred
@@ -66,9 +67,82 @@ class ProcessOutcome:
 
 
 @dataclass(frozen=True)
-class _Descendant:
+class Descendant:
+    """A process identified safely: pid plus start time (pids get recycled)."""
+
     pid: int
     create_time: float
+
+
+class ProcessControl(Protocol):
+    """How processes are found and signalled (the OS; a fake in tests)."""
+
+    def signal_group(self, pgid: int, signum: int) -> None: ...
+
+    def group_alive(self, pgid: int) -> bool: ...
+
+    def descendants(self, pid: int) -> set[Descendant]: ...
+
+    def group_members(self, pgid: int) -> set[Descendant]: ...
+
+    def signal_process(self, process: Descendant, signum: int) -> bool: ...
+
+
+class OSProcessControl:
+    """The real thing: ``killpg`` and psutil, never touching the pilot's own group."""
+
+    def signal_group(self, pgid: int, signum: int) -> None:
+        if pgid == os.getpgrp():
+            return
+        try:
+            os.killpg(pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def group_alive(self, pgid: int) -> bool:
+        if pgid == os.getpgrp():
+            return False
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def descendants(self, pid: int) -> set[Descendant]:
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            return set()
+        found: set[Descendant] = set()
+        for child in children:
+            try:
+                found.add(Descendant(child.pid, child.create_time()))
+            except psutil.Error:
+                continue
+        return found
+
+    def group_members(self, pgid: int) -> set[Descendant]:
+        found: set[Descendant] = set()
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) == pgid:
+                    found.add(Descendant(process.pid, process.create_time()))
+            except (OSError, psutil.Error):
+                continue
+        return found
+
+    def signal_process(self, process: Descendant, signum: int) -> bool:
+        try:
+            target = psutil.Process(process.pid)
+            if target.create_time() != process.create_time:
+                return False
+            target.send_signal(signum)
+        except psutil.Error:
+            return False
+        return True
+
+
+OS_PROCESS_CONTROL = OSProcessControl()
 
 
 class _Protocol(ProcessProtocol):
@@ -97,6 +171,7 @@ class ManagedProcess:
         kill_grace: float = 10.0,
         backstop: float = 60.0,
         name: str = "process",
+        control: ProcessControl = OS_PROCESS_CONTROL,
     ) -> None:
         if not argv:
             raise ValueError("empty argv")
@@ -110,7 +185,9 @@ class ManagedProcess:
         self.kill_grace = kill_grace
         self.backstop = backstop
         self.name = name
+        self._control = control
         self._transport: IProcessTransport | None = None
+        self._pid: int | None = None
         self._started: float | None = None
         self._outcome: ProcessOutcome | None = None
         self._waiters: list[Deferred[ProcessOutcome]] = []
@@ -118,7 +195,7 @@ class ManagedProcess:
         self._kill_call: IDelayedCall | None = None
         self._backstop_call: IDelayedCall | None = None
         self._cleanup_call: IDelayedCall | None = None
-        self._descendants: set[_Descendant] = set()
+        self._descendants: set[Descendant] = set()
 
     # -- life ----------------------------------------------------------------------
 
@@ -159,12 +236,14 @@ class ManagedProcess:
         self._started = self._clock.seconds()
         pid = self._transport.pid
         assert isinstance(pid, int)
+        self._pid = pid
         self.log.debug("{name} started as pid {pid}", name=self.name, pid=pid, event="process.start")
         return pid
 
     @property
     def pid(self) -> int | None:
-        return self._transport.pid if self._transport is not None else None
+        """The process id (also its process group id); kept after the process ended."""
+        return self._pid
 
     @property
     def running(self) -> bool:
@@ -230,35 +309,16 @@ class ManagedProcess:
 
     def _remember_descendants(self) -> None:
         """Record every live descendant, including any that left the process group."""
-        pid = self.pid
-        if pid is None:
-            return
-        try:
-            children = psutil.Process(pid).children(recursive=True)
-        except psutil.Error:
-            return
-        for child in children:
-            try:
-                self._descendants.add(_Descendant(child.pid, child.create_time()))
-            except psutil.Error:
-                continue
+        if self.pid is not None:
+            self._descendants |= self._control.descendants(self.pid)
 
     def _signal_all(self, signum: int) -> None:
         pid = self.pid
         if pid is None:
             return
-        if pid != os.getpgrp():  # never our own group, whatever happens
-            try:
-                os.killpg(pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass
+        self._control.signal_group(pid, signum)
         for descendant in list(self._descendants):
-            try:
-                process = psutil.Process(descendant.pid)
-                if process.create_time() != descendant.create_time:
-                    raise psutil.NoSuchProcess(descendant.pid)
-                process.send_signal(signum)
-            except psutil.Error:
+            if not self._control.signal_process(descendant, signum):
                 self._descendants.discard(descendant)
 
     def _ended(self, reason: Failure) -> None:
@@ -272,8 +332,9 @@ class ManagedProcess:
             signum = value.signal
         # Whatever the leader left behind in its group (or outside it) goes now:
         # at once if we were killing it anyway, else TERM now and KILL after the grace.
-        if self._group_alive() or self._descendants:
-            self._remember_descendants_of_group()
+        if (self.pid is not None and self._control.group_alive(self.pid)) or self._descendants:
+            if self.pid is not None:
+                self._descendants |= self._control.group_members(self.pid)
             self._signal_all(signal.SIGKILL if self._terminating else signal.SIGTERM)
             if not self._terminating:
                 self._cleanup_call = self._clock.callLater(self.kill_grace, self._sweep)
@@ -282,16 +343,6 @@ class ManagedProcess:
     def _sweep(self) -> None:
         self._cleanup_call = None
         self._signal_all(signal.SIGKILL)
-
-    def _group_alive(self) -> bool:
-        pid = self.pid
-        if pid is None or pid == os.getpgrp():
-            return False
-        try:
-            os.killpg(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
 
     @property
     def cleaning_up(self) -> bool:
@@ -303,17 +354,6 @@ class ManagedProcess:
         if self._cleanup_call is not None and self._cleanup_call.active():
             self._cleanup_call.cancel()
             self._sweep()
-
-    def _remember_descendants_of_group(self) -> None:
-        pid = self.pid
-        if pid is None:
-            return
-        for process in psutil.process_iter(["pid"]):
-            try:
-                if os.getpgid(process.pid) == pid:
-                    self._descendants.add(_Descendant(process.pid, process.create_time()))
-            except (OSError, psutil.Error):
-                continue
 
     def _finish(self, exit_code: int | None, signum: int | None, *, lost: bool = False) -> None:
         if self._outcome is not None:

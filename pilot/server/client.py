@@ -47,6 +47,7 @@ from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -676,38 +677,55 @@ class PandaClient:
         while True:
             self.calls += 1
             started = self._clock.seconds()
+            pending: Deferred[Any] = Deferred.fromCoroutine(attempt())
+            expired: list[bool] = []
+
+            def expire(d: Deferred[Any] = pending, flag: list[bool] = expired) -> None:
+                flag.append(True)
+                d.cancel()
+
+            timer = self._clock.callLater(per_attempt, expire)
+            error: Exception | None = None
             try:
-                result = await Deferred.fromCoroutine(attempt()).addTimeout(per_attempt, self._clock)
-            except CancelledError:
-                raise
-            except (_RetryableStatus, *_TRANSPORT_ERRORS) as exc:
-                failures += 1
-                reason = _describe(exc)
-                if not idempotent and not isinstance(exc, _NOT_SENT_ERRORS):
-                    raise ServerUnavailable(
-                        f"{url}: {reason} (not repeated: the request may have been processed)"
-                    ) from None
-                if failures >= retry.attempts:
-                    raise ServerUnavailable(f"{url}: {reason} (after {failures} attempts)") from None
-                delay = retry.delay(failures)
-                log.warn(
-                    "{url}: {reason}; retrying in {delay:.1f} s ({failures}/{attempts})",
+                result = await pending
+            except Exception as exc:  # noqa: BLE001 - classified just below
+                error = exc
+            finally:
+                if timer.active():
+                    timer.cancel()
+            if error is None:
+                log.debug(
+                    "{url} answered in {elapsed:.3f} s",
                     url=url,
-                    reason=reason,
-                    delay=delay,
-                    failures=failures,
-                    attempts=retry.attempts,
-                    event="server.retry",
+                    elapsed=self._clock.seconds() - started,
+                    event="server.call",
                 )
-                await deferLater(self._clock, delay, lambda: None)
-                continue
-            log.debug(
-                "{url} answered in {elapsed:.3f} s",
+                return result
+            if expired:
+                error = TimeoutError()
+            elif _was_cancelled(error):
+                raise CancelledError()  # our caller gave up: not a failure of the server
+            elif not isinstance(error, (_RetryableStatus, *_TRANSPORT_ERRORS)):
+                raise error
+            failures += 1
+            reason = _describe(error)
+            if not idempotent and not isinstance(error, _NOT_SENT_ERRORS):
+                raise ServerUnavailable(
+                    f"{url}: {reason} (not repeated: the request may have been processed)"
+                )
+            if failures >= retry.attempts:
+                raise ServerUnavailable(f"{url}: {reason} (after {failures} attempts)")
+            delay = retry.delay(failures)
+            log.warn(
+                "{url}: {reason}; retrying in {delay:.1f} s ({failures}/{attempts})",
                 url=url,
-                elapsed=self._clock.seconds() - started,
-                event="server.call",
+                reason=reason,
+                delay=delay,
+                failures=failures,
+                attempts=retry.attempts,
+                event="server.retry",
             )
-            return result
+            await deferLater(self._clock, delay, lambda: None)
 
 
 class _RetryableStatus(Exception):
@@ -717,6 +735,14 @@ class _RetryableStatus(Exception):
 #: Failures that prove the server never acted on the request (safe to repeat anything):
 #: no connection at all, or an error status the server answered with.
 _NOT_SENT_ERRORS = (ConnectError, DNSLookupError, _RetryableStatus)
+
+
+def _was_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or wraps) a cancellation of the request."""
+    if isinstance(exc, CancelledError):
+        return True
+    reasons: list[Failure] = getattr(exc, "reasons", None) or []
+    return any(r.check(CancelledError) for r in reasons)
 
 
 def _is_deterministic_500(text: str) -> bool:

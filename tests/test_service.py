@@ -1,0 +1,444 @@
+"""The pilot service on simulated time: lifecycle, heartbeats, timefloor, lifetime,
+backoff, signals, server commands, bad job definitions, the final update.
+
+The server is ``ScriptedPanda`` behind StubTreq, processes are fakes that end when
+the test says so, and every timer runs on a ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.config import ApiMode, PilotConfig
+from pilot.errorcodes import ErrorCode
+from pilot.errors import ExitCode
+from pilot.experiments.generic import GenericExperiment
+from pilot.queuedata import QueueData
+from pilot.server.client import PandaClient, RetryPolicy
+from pilot.service import PilotService
+
+from .fakes import FakeProcessControl, FakeSpawner, Scripted, ScriptedPanda, run_sync
+
+BASE = "https://panda.example.org:25443"
+T0 = 1_800_000_000.0
+
+
+def job(panda_id: int, **extra: Any) -> dict[str, Any]:
+    definition: dict[str, Any] = {
+        "PandaID": panda_id,
+        "attemptNr": 1,
+        "transformation": "/bin/echo",
+        "jobPars": f"job {panda_id}",
+        "outFiles": f"out.{panda_id}.txt,log.{panda_id}.tgz",
+        "scopeOut": "test",
+        "logFile": f"log.{panda_id}.tgz",
+        "logGUID": f"00000000-0000-0000-0000-{panda_id:012d}",
+        "scopeLog": "test",
+        "coreCount": 1,
+    }
+    definition.update(extra)
+    return definition
+
+
+class ServiceHarness:
+    """A PilotService wired to fakes, with helpers to drive it."""
+
+    def __init__(
+        self, test: SynchronousTestCase, *, timefloor: int = 0, api: ApiMode = ApiMode.V1, **config: Any
+    ):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.server = ScriptedPanda(self.clock)
+        self.spawner = FakeSpawner(self.clock)
+        self.control = FakeProcessControl(self.spawner)
+        self.client = PandaClient(
+            StubTreq(self.server),  # type: ignore[arg-type]
+            BASE,
+            self.clock,
+            api=api,
+            retry=RetryPolicy(attempts=3, initial=2.0, jitter=lambda: 0.0),
+        )
+        base = Path(test.mktemp())
+        settings: dict[str, Any] = {
+            "queue": "Q",
+            "server_url": BASE,
+            "workdir": base,
+            "queuedata": QueueData(name="Q", resource="Q", timefloor=timefloor * 60),
+            "log_file": None,
+            "summary_file": base / "summary.json",
+            "node": "wn01",
+        }
+        settings.update(config)
+        self.config = PilotConfig(**settings)
+        self.reactor_stopped = 0
+        self.service = PilotService(
+            self.config,
+            clock=self.clock,
+            spawner=self.spawner,
+            client=self.client,
+            experiment=GenericExperiment(),
+            in_thread=run_sync,
+            environ={"PATH": "/usr/bin:/bin", "X509_USER_PROXY": "/secret/proxy"},
+            stop_reactor=self._stopped,
+            jitter=lambda: 0.5,
+            process_control=self.control,
+        )
+
+    def _stopped(self) -> None:
+        self.reactor_stopped += 1
+
+    def start(self) -> None:
+        self.service.startService()
+
+    def payload(self) -> Any:
+        return self.spawner.last_payload()
+
+    def finish_payload(self, exit_code: int = 0, *, write_outputs: bool = True) -> None:
+        process = self.payload()
+        if write_outputs:
+            assert process.path is not None
+            panda_id = int(process.env["PandaID"])
+            (Path(process.path) / f"out.{panda_id}.txt").write_text(f"output of {panda_id}\n")
+        process.end(exit_code)
+        self.clock.advance(0)  # the log tarball's tar process
+
+    @property
+    def done(self) -> bool:
+        return self.service.exit_code is not None
+
+
+class LifecycleTests(SynchronousTestCase):
+    def test_one_job_end_to_end(self) -> None:
+        h = ServiceHarness(self)
+        h.server.jobs.append(job(101))
+        h.start()
+        self.assertEqual(h.server.states(101), ["starting", "running"])
+        payload = h.payload()
+        self.assertEqual(payload.command, ["/bin/bash", "-c", "/bin/echo job 101"])
+        self.assertEqual(Path(str(payload.path)).name, "PanDA_Pilot-101")
+        self.assertNotIn("X509_USER_PROXY", payload.env, "the pilot's proxy stays out of the payload")
+        self.assertEqual(payload.env["PandaID"], "101")
+        h.finish_payload(0)
+        self.assertEqual(h.server.states(101), ["starting", "running", "finished"])
+        final = h.server.updates(101)[-1]
+        self.assertEqual(final["trans_exit_code"], 0)
+        self.assertEqual(final["pilot_error_code"], 0)
+        self.assertEqual(final["attempt_nr"], 1)
+        report = json.loads(final["xml"])
+        self.assertEqual(set(report), {"out.101.txt", "log.101.tgz"})
+        self.assertEqual(report["log.101.tgz"]["guid"], "00000000-0000-0000-0000-000000000101")
+        self.assertEqual(report["out.101.txt"]["fsize"], len("output of 101\n"))
+        self.assertEqual(len(report["out.101.txt"]["adler32"]), 8)
+        self.assertEqual(h.service.exit_code, ExitCode.OK)
+        self.assertEqual(h.reactor_stopped, 1)
+        self.assertEqual(len(h.server.acquires()), 1, "timefloor 0: one job per pilot")
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        summary = json.loads((h.config.workdir / "summary.json").read_text())
+        self.assertEqual(summary["pilot"]["exit_code"], 0)
+        self.assertEqual(summary["jobs"][0]["state"], "finished")
+        self.assertEqual(summary["jobs"][0]["final_update"], "delivered")
+        self.assertFalse(Path(str(payload.path)).exists(), "work directory removed by default")
+
+    def test_payload_failure_is_reported(self) -> None:
+        h = ServiceHarness(self)
+        h.server.jobs.append(job(102))
+        h.start()
+        h.finish_payload(3, write_outputs=False)
+        final = h.server.updates(102)[-1]
+        self.assertEqual(final["state"], "failed")
+        self.assertEqual(final["trans_exit_code"], 3)
+        self.assertEqual(final["pilot_error_code"], ErrorCode.PAYLOADEXECUTIONFAILURE)
+        self.assertIn("exited with code 3", final["pilot_error_diag"])
+        self.assertEqual(
+            list(json.loads(final["xml"])), ["log.102.tgz"], "a failed job still reports its log"
+        )
+
+    def test_missing_output_fails_the_job(self) -> None:
+        h = ServiceHarness(self)
+        h.server.jobs.append(job(103))
+        h.start()
+        h.finish_payload(0, write_outputs=False)
+        final = h.server.updates(103)[-1]
+        self.assertEqual(final["state"], "failed")
+        self.assertEqual(final["pilot_error_code"], ErrorCode.MISSINGOUTPUTFILE)
+
+    def test_legacy_api(self) -> None:
+        h = ServiceHarness(self, api=ApiMode.LEGACY)
+        h.server.jobs.append(job(104))
+        h.start()
+        h.finish_payload(0)
+        self.assertEqual(h.server.states(104), ["starting", "running", "finished"])
+        self.assertTrue(all(c.path.startswith("/server/panda/") for c in h.server.calls))
+
+
+class HeartbeatTests(SynchronousTestCase):
+    def test_heartbeat_period(self) -> None:
+        h = ServiceHarness(self)
+        h.server.jobs.append(job(201))
+        h.start()
+        self.assertEqual(len(h.server.updates(201)), 2)
+        h.clock.advance(1799)
+        self.assertEqual(len(h.server.updates(201)), 2)
+        h.clock.advance(1)
+        self.assertEqual(h.server.states(201), ["starting", "running", "running"])
+        self.assertEqual(h.server.calls[-1].time, T0 + 1800)
+        h.clock.advance(1800)
+        self.assertEqual(len(h.server.updates(201)), 4)
+        h.finish_payload(0)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_debug_command_switches_period(self) -> None:
+        h = ServiceHarness(self)
+        h.server.jobs.append(job(202))
+        h.start()
+        h.server.commands[202] = "debug"
+        h.clock.advance(1800)  # first heartbeat; its reply says debug
+        h.clock.advance(59)
+        self.assertEqual(len(h.server.updates(202)), 3)
+        h.clock.advance(1)
+        self.assertEqual(len(h.server.updates(202)), 4)
+        h.clock.advance(60)
+        self.assertEqual(len(h.server.updates(202)), 5)
+        h.server.commands[202] = "debugoff"
+        h.clock.advance(60)
+        h.clock.advance(60)
+        self.assertEqual(len(h.server.updates(202)), 6, "back to the normal period")
+        h.finish_payload(0)
+
+    def test_debug_job_starts_with_the_debug_period(self) -> None:
+        h = ServiceHarness(self)
+        h.server.jobs.append(job(203, debug="True"))
+        h.start()
+        h.clock.advance(60)
+        self.assertEqual(len(h.server.updates(203)), 3)
+        h.finish_payload(0)
+
+
+class MultiJobTests(SynchronousTestCase):
+    def test_timefloor(self) -> None:
+        h = ServiceHarness(self, timefloor=10)
+        h.server.jobs += [job(301), job(302), job(303)]
+        h.start()
+        h.clock.advance(100)
+        h.finish_payload(0)
+        self.assertEqual(len(h.server.acquires()), 2, "100 s < 600 s: the next job is fetched at once")
+        self.assertEqual(h.server.acquires()[1].time, T0 + 100)
+        h.clock.advance(600)
+        h.finish_payload(0)
+        self.assertEqual(len(h.server.acquires()), 2, "700 s >= 600 s: the timefloor is used up")
+        self.assertEqual(h.service.exit_code, ExitCode.OK)
+        self.assertEqual([s.state for s in h.service.summaries], ["finished", "finished"])
+
+    def test_remaining_lifetime_stops_fetching(self) -> None:
+        h = ServiceHarness(self, timefloor=600, lifetime=1000.0, lifetime_margin=100.0)
+        h.server.jobs += [job(311), job(312)]
+        h.start()
+        remaining = h.server.acquires()[0].params["remaining_time"]
+        self.assertEqual(remaining, 900)
+        h.clock.advance(850)
+        h.finish_payload(0)
+        self.assertEqual(len(h.server.acquires()), 1, "50 s left is too little for another job")
+        self.assertEqual(h.service.exit_code, ExitCode.OK)
+
+    def test_nojob_backoff(self) -> None:
+        h = ServiceHarness(self, getjob_requests=3, nojob_backoff=5.0)
+        h.start()
+        self.assertEqual([c.time - T0 for c in h.server.acquires()], [0.0])
+        h.clock.advance(4.9)
+        self.assertEqual(len(h.server.acquires()), 1)
+        h.clock.advance(0.1)
+        h.clock.advance(10.0)
+        self.assertEqual([c.time - T0 for c in h.server.acquires()], [0.0, 5.0, 15.0])
+        self.assertEqual(h.service.exit_code, ExitCode.OK, "no job is not an error")
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_backoff_after_server_errors(self) -> None:
+        h = ServiceHarness(self, getjob_requests=2, nojob_backoff=5.0)
+        h.server.scripted += [Scripted(503, b"busy", "text/plain")] * 6
+        h.start()
+        h.clock.pump([2.0, 4.0, 5.0, 2.0, 4.0])
+        times = [c.time - T0 for c in h.server.acquires()]
+        self.assertEqual(times, [0.0, 2.0, 6.0, 11.0, 13.0, 17.0])
+        self.assertEqual(h.service.exit_code, ExitCode.COMMUNICATIONFAILURE)
+
+    def test_bad_definitions_are_failed_and_the_pilot_goes_on(self) -> None:
+        h = ServiceHarness(self, timefloor=60)
+        missing_id = job(1)
+        del missing_id["PandaID"]
+        h.server.jobs += [
+            missing_id,
+            job(402, attemptNr="abc"),
+            job(403, inFiles="a.root,b.root", GUID="g1,g2,g3", scopeIn="s,s"),
+            job(404, outFiles="../../etc/passwd,log.404.tgz"),
+            job(405),
+        ]
+        h.start()
+        self.assertEqual(len(h.server.acquires()), 5)
+        self.assertEqual(h.server.states(402), ["failed"])
+        bad_attempt = h.server.updates(402)[0]
+        self.assertEqual(bad_attempt["pilot_error_code"], ErrorCode.CONVERSIONFAILURE)
+        self.assertIn("attemptNr", bad_attempt["pilot_error_diag"])
+        self.assertNotIn("attempt_nr", bad_attempt)
+        mismatch = h.server.updates(403)[0]
+        self.assertEqual(mismatch["pilot_error_code"], ErrorCode.NOTSAMELENGTH)
+        self.assertIn("GUID", mismatch["pilot_error_diag"])
+        hostile = h.server.updates(404)[0]
+        self.assertEqual(hostile["pilot_error_code"], ErrorCode.BADOUTPUTFILENAME)
+        self.assertEqual(len(h.spawner.payloads()), 1, "no process ran for a bad definition")
+        h.finish_payload(0)
+        self.assertEqual(h.server.states(405), ["starting", "running", "finished"])
+        self.assertEqual(
+            [s.state for s in h.service.summaries], ["rejected", "failed", "failed", "failed", "finished"]
+        )
+
+
+class SignalTests(SynchronousTestCase):
+    def test_sigterm_fails_the_job_and_sets_the_exit_code(self) -> None:
+        h = ServiceHarness(self, timefloor=60)
+        h.server.jobs += [job(501), job(502)]
+        h.start()
+        pid = h.payload().pid
+        h.clock.advance(30)
+        h.service.handle_signal(signal.SIGTERM)
+        self.assertEqual(h.control.signals[0], (pid, signal.SIGTERM, T0 + 30))
+        h.clock.advance(0)
+        final = h.server.updates(501)[-1]
+        self.assertEqual(final["state"], "failed")
+        self.assertEqual(final["pilot_error_code"], ErrorCode.SIGTERM)
+        self.assertIn("SIGTERM", final["pilot_error_diag"])
+        self.assertEqual(h.service.exit_code, ExitCode.SIGTERM)
+        self.assertEqual(int(h.service.exit_code or 0), 143)
+        self.assertEqual(len(h.server.acquires()), 1, "no job is fetched after a signal")
+        self.assertEqual(h.reactor_stopped, 1)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_second_signal_kills_at_once(self) -> None:
+        h = ServiceHarness(self, kill_grace=30.0)
+        h.control.obey_term = False
+        h.server.jobs.append(job(503))
+        h.start()
+        h.service.handle_signal(signal.SIGINT)
+        h.clock.advance(5)
+        self.assertFalse(h.done)
+        h.service.handle_signal(signal.SIGINT)
+        self.assertEqual([s for _, s, _ in h.control.signals], [signal.SIGTERM, signal.SIGKILL])
+        h.clock.advance(0)
+        self.assertEqual(h.server.updates(503)[-1]["pilot_error_code"], ErrorCode.SIGINT)
+        self.assertEqual(h.service.exit_code, ExitCode.SIGINT)
+
+    def test_signal_escalation_timing(self) -> None:
+        h = ServiceHarness(self, kill_grace=10.0)
+        h.control.obey_term = False
+        h.server.jobs.append(job(504))
+        h.start()
+        h.service.handle_signal(signal.SIGUSR1)
+        h.clock.advance(9.9)
+        self.assertFalse(h.done)
+        h.clock.advance(0.1)
+        h.clock.advance(0)
+        self.assertEqual(
+            [(s, t - T0) for _, s, t in h.control.signals][:2],
+            [(signal.SIGTERM, 0.0), (signal.SIGKILL, 10.0)],
+        )
+        self.assertEqual(h.server.updates(504)[-1]["pilot_error_code"], ErrorCode.SIGUSR1)
+        self.assertEqual(int(h.service.exit_code or 0), 138)
+
+    def test_signal_while_waiting_for_a_job(self) -> None:
+        h = ServiceHarness(self, getjob_requests=5)
+        h.start()
+        h.clock.advance(1)
+        h.service.handle_signal(signal.SIGQUIT)
+        self.assertEqual(h.service.exit_code, ExitCode.SIGQUIT)
+        self.assertEqual(len(h.server.acquires()), 1)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_lifetime_end_kills_the_job(self) -> None:
+        h = ServiceHarness(self, lifetime=1000.0, lifetime_margin=100.0)
+        h.server.jobs.append(job(505))
+        h.start()
+        h.clock.advance(899)
+        self.assertEqual(h.control.signals, [])
+        h.clock.advance(1)
+        self.assertEqual(h.control.signals[0][1:], (signal.SIGTERM, T0 + 900))
+        h.clock.advance(0)
+        final = h.server.updates(505)[-1]
+        self.assertEqual(final["pilot_error_code"], ErrorCode.REACHEDMAXTIME)
+        self.assertEqual(h.service.exit_code, ExitCode.REACHEDMAXTIME)
+
+
+class ServerCommandTests(SynchronousTestCase):
+    def test_tobekilled(self) -> None:
+        h = ServiceHarness(self, timefloor=60)
+        h.server.jobs += [job(601), job(602)]
+        h.start()
+        h.server.commands[601] = "tobekilled"
+        h.clock.advance(1800)
+        h.clock.advance(0)
+        h.clock.advance(0)
+        final = h.server.updates(601)[-1]
+        self.assertEqual(final["state"], "failed")
+        self.assertEqual(final["pilot_error_code"], ErrorCode.PANDAKILL)
+        self.assertIn("log.601.tgz", json.loads(final["xml"]), "the log of a killed job is still made")
+        self.assertEqual(len(h.server.acquires()), 2, "a server kill ends the job, not the pilot")
+        h.finish_payload(0)
+        h.clock.advance(5.0)  # one more request (timefloor left), no job, the pilot ends
+        self.assertEqual(h.service.exit_code, ExitCode.OK)
+
+    def test_softkill_lets_the_job_finish(self) -> None:
+        h = ServiceHarness(self, timefloor=60)
+        h.server.jobs += [job(603), job(604)]
+        h.server.commands[603] = "softkill"
+        h.start()
+        h.finish_payload(0)
+        self.assertEqual(h.server.states(603)[-1], "finished")
+        self.assertEqual(len(h.server.acquires()), 1)
+        self.assertEqual(h.service.exit_code, ExitCode.OK)
+
+
+class FinalUpdateTests(SynchronousTestCase):
+    def test_final_update_retried_until_accepted(self) -> None:
+        h = ServiceHarness(self)
+        h.server.jobs.append(job(701))
+        h.start()
+        h.server.update_status += [30, 10]
+        h.finish_payload(0)
+        self.assertEqual(h.server.states(701), ["starting", "running", "finished"])
+        self.assertFalse(h.done)
+        h.clock.advance(4.99)
+        self.assertEqual(len(h.server.updates(701)), 3)
+        h.clock.advance(1.01)  # 5 s backoff + up to 1 s jitter
+        self.assertEqual(len(h.server.updates(701)), 4)
+        h.clock.advance(11)  # 10 s + jitter
+        self.assertEqual(len(h.server.updates(701)), 5)
+        self.assertTrue(h.done)
+        self.assertEqual(h.service.summaries[0].final_update, "delivered")
+
+    def test_final_update_given_up_at_the_end_of_the_lifetime(self) -> None:
+        h = ServiceHarness(self, lifetime=2000.0, lifetime_margin=100.0)
+        h.server.jobs.append(job(702))
+        h.start()
+        h.server.update_status += [30] * 1000
+        h.finish_payload(0)
+        while not h.done:
+            h.clock.advance(min(d.getTime() for d in h.clock.getDelayedCalls()) - h.clock.seconds())
+        self.assertLessEqual(h.clock.seconds(), T0 + 2000)
+        self.assertEqual(h.service.summaries[0].final_update, "lost")
+
+    def test_final_update_with_a_dead_server_is_bounded_on_signal(self) -> None:
+        h = ServiceHarness(self, shutdown_grace=60.0, kill_grace=10.0)
+        h.server.jobs.append(job(703))
+        h.start()
+        h.server.scripted += [Scripted(503, b"down", "text/plain")] * 1000
+        h.service.handle_signal(signal.SIGTERM)
+        while not h.done:
+            h.clock.advance(min(d.getTime() for d in h.clock.getDelayedCalls()) - h.clock.seconds())
+        self.assertLessEqual(h.clock.seconds(), T0 + 70)
+        self.assertEqual(h.service.exit_code, ExitCode.SIGTERM)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
