@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from pilot.errors import JobErrors
+from pilot.logs import pilot_observer
 
 
 class JobPhase(Enum):
@@ -87,7 +88,7 @@ def final_server_state(phase: JobPhase, errors: JobErrors) -> ServerState:
 class JobLifecycle:
     """The current phase of one job, with the time each phase was entered."""
 
-    log = Logger()
+    log = Logger(observer=pilot_observer)
 
     def __init__(self, panda_id: int, clock: IReactorTime) -> None:
         self.panda_id = panda_id

@@ -35,6 +35,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pilot.logs import pilot_observer
+
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 
 
@@ -156,7 +158,7 @@ class _Protocol(ProcessProtocol):
 class ManagedProcess:
     """One child process in its own process group; see the module docstring."""
 
-    log = Logger()
+    log = Logger(observer=pilot_observer)
 
     def __init__(
         self,

@@ -54,8 +54,9 @@ from twisted.web.iweb import IResponse
 
 from pilot import __version__
 from pilot.config import ApiMode
+from pilot.logs import pilot_observer
 
-log = Logger()
+log = Logger(observer=pilot_observer)
 
 USER_AGENT = (
     f"txpilot/{__version__} (Python {sys.version_info.major}.{sys.version_info.minor}; "

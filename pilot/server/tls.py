@@ -26,6 +26,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from pilot.config import Credentials
+from pilot.logs import pilot_observer
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN (?P<kind>[A-Z0-9 ]+)-----\r?\n.+?\r?\n-----END (?P=kind)-----",
@@ -110,7 +111,7 @@ class PilotTLSPolicy:
     ``stat`` is injectable so tests can simulate proxy renewal without touching mtimes.
     """
 
-    log = Logger()
+    log = Logger(observer=pilot_observer)
 
     def __init__(
         self,
