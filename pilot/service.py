@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 from collections.abc import Callable, Coroutine, Mapping
@@ -56,6 +57,18 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1
 MIN_REMAINING_FOR_JOB = 60.0
 
 _MB = 1024 * 1024
+
+
+def _own_resources() -> dict[str, float]:
+    """The pilot process's own CPU time and peak memory (payloads not included)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "cpu_user_s": round(own.ru_utime, 3),
+        "cpu_system_s": round(own.ru_stime, 3),
+        "max_rss_kb": own.ru_maxrss,
+        "children_cpu_s": round(children.ru_utime + children.ru_stime, 3),
+    }
 
 
 class PilotService(Service):
@@ -480,6 +493,8 @@ class PilotService(Service):
                 "started_at": self._started_at,
                 "exit_code": int(self.exit_code) if self.exit_code is not None else None,
                 "exit_name": self.exit_code.name if self.exit_code is not None else None,
+                "server_calls": self._client.calls,
+                "resources": _own_resources(),
             },
             "jobs": [s.to_json() for s in self.summaries],
         }

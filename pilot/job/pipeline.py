@@ -551,6 +551,7 @@ class JobRun:
         self.summary.pilot_error_diag = first.diag if first else ""
         self.summary.ended_at = self.env.clock.seconds()
         self.summary.durations = {
+            "getjob": round(self._getjob_seconds, 3),
             "setup": round(life.duration(JobPhase.SETUP, JobPhase.STAGEIN), 3),
             "stagein": round(life.duration(JobPhase.STAGEIN, JobPhase.RUNNING), 3),
             "payload": round(self._outcome.wall_time, 3) if self._outcome else 0.0,

@@ -41,7 +41,6 @@ from urllib.parse import parse_qs
 import treq
 from OpenSSL import SSL
 from treq.client import HTTPClient
-from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
@@ -484,7 +483,8 @@ class RetryPolicy:
     jitter: Callable[[], float] = random.random
 
     def delay(self, failures: int) -> float:
-        return float(backoffPolicy(self.initial, self.maximum, self.factor, self.jitter)(failures - 1))
+        """Seconds to wait after the ``failures``-th failure: initial·factorⁿ⁻¹ (capped) + jitter."""
+        return min(self.initial * self.factor ** max(0, failures - 1), self.maximum) + self.jitter()
 
 
 _TRANSPORT_ERRORS = (

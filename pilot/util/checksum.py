@@ -1,6 +1,6 @@
 """File checksums as PanDA and Rucio use them: adler32 (8 hex digits) and md5.
 
-Files are read in 1 MiB chunks, never loaded whole; callers run these functions in a
+Files are read in 256 KiB chunks, never loaded whole; callers run these functions in a
 thread (``deferToThread``), never on the reactor thread.
 """
 
@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-CHUNK = 1 << 20
+CHUNK = 256 << 10
 
 
 @dataclass(frozen=True)
