@@ -99,14 +99,18 @@ async def run(reactor: Any, n: int, run_dir: Path) -> dict[str, Any]:
             summary_file=summary_file,
             extra=["--getjob-requests", "1"],
         )
-        pilot = start_pilot_process(reactor, reactor, server, args, workdir=run_dir / "pilot", log_path=run_dir / "pilot.log")
+        pilot = start_pilot_process(
+            reactor, reactor, server, args, workdir=run_dir / "pilot", log_path=run_dir / "pilot.log"
+        )
         outcome = await pilot.wait()
     finally:
         await server.stop()
     summary = json.loads(summary_file.read_text())
     jobs = summary["jobs"]
     if outcome.shell_status != 0 or len(jobs) != n or any(j["state"] != "finished" for j in jobs):
-        raise SystemExit(f"benchmark run failed: exit {outcome.shell_status}, {len(jobs)} jobs; see {run_dir}")
+        raise SystemExit(
+            f"benchmark run failed: exit {outcome.shell_status}, {len(jobs)} jobs; see {run_dir}"
+        )
     overheads = []
     for k, job in enumerate(jobs):
         payload = job["durations"]["payload"]
@@ -135,7 +139,9 @@ async def run(reactor: Any, n: int, run_dir: Path) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> bool:
     ok = True
-    sys.stdout.write(f"bench/overhead: {results['jobs']} jobs of /bin/true through twistd pilot + panda-dev (HTTPS)\n")
+    sys.stdout.write(
+        f"bench/overhead: {results['jobs']} jobs of /bin/true through twistd pilot + panda-dev (HTTPS)\n"
+    )
     for key, value in results.items():
         target = TARGETS.get(key)
         verdict = ""

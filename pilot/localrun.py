@@ -33,10 +33,28 @@ def twistd_argv(command: str, *args: str) -> list[str]:
     return [sys.executable, "-c", _TWISTD, "--pidfile=", "-n", command, *args]
 
 
+def _checkout_root() -> Path | None:
+    """The source checkout this package runs from, if it is one (not an installed copy).
+
+    twistd finds its plug-ins among the ``twisted/plugins`` directories on
+    ``sys.path``; an editable install does not put the checkout there, so child
+    processes get it on ``PYTHONPATH``.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if (root / "twisted" / "plugins" / "pilot_plugin.py").is_file() and not (
+        root / "twisted" / "__init__.py"
+    ).exists():
+        return root
+    return None
+
+
 def child_environment(extra: Mapping[str, str] = {}) -> dict[str, str]:
     """A clean environment for the child processes: ours minus grid credentials, plus ``extra``."""
     drop = ("X509_USER_PROXY", "PANDA_AUTH_TOKEN", "OIDC_AUTH_TOKEN", "X509_CERT_DIR")
     env = {k: v for k, v in os.environ.items() if k not in drop}
+    root = _checkout_root()
+    if root is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 

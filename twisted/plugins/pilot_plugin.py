@@ -2,7 +2,7 @@
 
 from twisted.application.service import ServiceMaker
 
-pilot = ServiceMaker(
+pilot = ServiceMaker(  # type: ignore[no-untyped-call]
     "PanDA pilot",
     "pilot.tap",
     "Fetch, run, monitor and report PanDA jobs on this worker node.",

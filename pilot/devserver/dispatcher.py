@@ -1,0 +1,613 @@
+"""The job logic behind getJob/acquire_jobs and updateJob/update_job.
+
+This follows the real server's behaviour (``JobDispatcher``, ``TaskBuffer`` and
+``job_complex_module.getJobs/updateJobStatus``, ``adder_gen``) as far as a single
+development server can:
+
+* dispatch: the oldest ``activated`` job of the queue that matches the pilot's
+  label, resource type, memory, disk and wall-time limits becomes ``sent``;
+* updates are matched on PandaID (and attemptNr when given) among jobs the
+  server still holds as active; a job that is gone, or a wrong attempt number,
+  gets ``command=tobekilled``; an update for a ``failed`` job gets ``alreadydone``;
+  the other special transitions of ``updateJobStatus`` are kept as well;
+* ``finished``/``failed`` are stored as ``holding`` with the job output report,
+  then an in-process stand-in for the Adder daemon parses the report and sets the
+  final state.  A finished job whose report does not cover every output and the
+  log file (whose GUID must be the ``logGUID`` handed out) becomes ``failed``.
+
+The decision functions are pure and run inside the store's transaction.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pilot.devserver.auth import clean_user_id
+from pilot.devserver.jobdef import JobDefinition, JobDefinitionError, normalise_job, render_job, split_list
+from pilot.devserver.queues import QueueRegistry
+from pilot.devserver.store import JobRecord, JobSelector, JobStore, UpdateRecord
+
+log = Logger()
+
+VALID_UPDATE_STATES = ("running", "failed", "finished", "holding", "starting", "transferring")
+#: States of jobs still in the server's active table (``failed`` included so that late updates
+#: for a failed job get ``alreadydone``).
+ACTIVE_STATES = ("activated", "sent", "starting", "running", "holding", "transferring", "failed")
+FINAL_STATES = ("finished", "failed", "cancelled", "closed")
+
+#: ``dataservice/ErrorCode.py``
+EC_ADDER = 200
+EC_INCONSISTENT_GUID = 205
+REPORT_ERROR_DIAG = "Could not get GUID/LFN/MD5/FSIZE/SURL from pilot JSON"
+#: What ``TaskBuffer.updateJobStatus`` finds as pilot secrets in debug mode on the reference server.
+PILOT_SECRETS = "{}"
+
+
+# -- requests as the dispatcher sees them -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AcquireRequest:
+    """A getJob/acquire_jobs call after parameter conversion and role checks."""
+
+    site: str
+    n_jobs: int = 1
+    prod_source_label: str | None = None
+    memory: int = 0
+    disk_space: int = 0
+    remaining_time: int = 0
+    resource_type: str | None = None
+    prod_user_id: str | None = None
+    task_id: object = None
+    computing_element: str | None = None
+    node: str | None = None
+    scheduler_id: str | None = None
+    background: bool = False
+    job_type: str | None = None
+    get_proxy_key: bool = False
+
+
+@dataclass(frozen=True)
+class PilotUpdate:
+    """An updateJob/update_job call.
+
+    ``raw`` is what the pilot sent (recorded in the updates table); ``params`` is the
+    server's canonical ``param`` map built from it (stored on the job).
+    """
+
+    panda_id: int
+    state: str
+    api: str
+    raw: Mapping[str, object]
+    params: Mapping[str, object] = field(default_factory=dict)
+    attempt_nr: int | None = None
+    report: str = ""
+    metadata: str = ""
+    stdout: str = ""
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    """The decision about one update (a ``store.Decision``)."""
+
+    changes: Mapping[str, object]
+    command: str | None
+    metadata_failed: bool = False
+    old_status: str | None = None
+    new_status: str | None = None
+    run_adder: bool = False
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What the API layer puts in the reply."""
+
+    status_code: int
+    command: str | None = None
+    secrets: str | None = None
+    metadata_failed: bool = False
+
+
+@dataclass(frozen=True)
+class AdderOutcome:
+    status: str | None
+    diag: str | None = None
+
+
+# -- the dispatcher ------------------------------------------------------------------------------
+
+
+class Dispatcher:
+    """Job submission, dispatch and updates on top of a ``JobStore``."""
+
+    def __init__(self, store: JobStore, clock: IReactorTime, queues: QueueRegistry) -> None:
+        self._store = store
+        self._clock = clock
+        self._queues = queues
+
+    @property
+    def default_site(self) -> str | None:
+        return next(iter(self._queues)) if len(self._queues) == 1 else None
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def definitions(self, submission: object, submitter_dn: str) -> list[JobDefinition]:
+        """Validate a submission (a job dict, a list of them, or ``{PandaID: dict}``)."""
+        definitions = []
+        for index, (panda_id, job) in enumerate(split_submission(submission)):
+            try:
+                definition = normalise_job(job, submitter_dn=submitter_dn, default_site=self.default_site)
+            except JobDefinitionError as exc:
+                raise JobDefinitionError(f"job {index}: {exc}") from None
+            if panda_id is not None:
+                if definition.panda_id not in (None, panda_id):
+                    raise JobDefinitionError(f"job {index}: key {panda_id} differs from its PandaID")
+                definition = _with_panda_id(definition, panda_id)
+            definitions.append(definition)
+        return definitions
+
+    async def submit(self, submission: object, *, submitter_dn: str) -> list[int]:
+        """Store new ``activated`` jobs; returns their PandaIDs."""
+        ids = await self._store.insert_jobs(self.definitions(submission, submitter_dn), self._clock.seconds())
+        log.info("submitted jobs {pandaids}", pandaids=ids)
+        return ids
+
+    async def submit_file(self, content: bytes, source: str, *, submitter_dn: str) -> list[int] | None:
+        """Submit a job file's jobs unless the same content was submitted before (then None)."""
+        try:
+            submission = json.loads(content)
+        except ValueError as exc:
+            raise JobDefinitionError(f"{source}: not JSON: {exc}") from None
+        definitions = self.definitions(submission, submitter_dn)
+        digest = hashlib.sha256(content).hexdigest()
+        ids = await self._store.submit_once(digest, source, definitions, self._clock.seconds())
+        if ids is None:
+            log.info("job file {source} was submitted before; skipped", source=source)
+        else:
+            log.info("submitted jobs {pandaids} from {source}", pandaids=ids, source=source)
+        return ids
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    async def acquire(self, request: AcquireRequest) -> tuple[list[dict[str, object]], int]:
+        """Claim jobs for a pilot: their job dicts (``appendJob`` order) and ``nSent``."""
+        label = request.prod_source_label
+        if self._queues.status(request.site) == "test" and label in ("user", "managed", "unified"):
+            label = "test"
+        selector = self._selector(request, label)
+        records, n_sent = await self._store.claim(selector, request.n_jobs, self._clock.seconds())
+        for record in records:
+            log.info(
+                "job {pandaid} activated -> sent to {site} {node}",
+                pandaid=record.PandaID,
+                site=request.site,
+                node=request.node,
+            )
+        return [_render(record) for record in records], n_sent
+
+    def _selector(self, request: AcquireRequest, label: str | None) -> JobSelector:
+        labels: tuple[str, ...] | None
+        processing_type = None
+        if label == "user":
+            labels = ("user", "panda", "install")
+        elif label in (None, "managed"):
+            labels = ("managed", "test", "prod_test", "install")
+        elif label == "test" and request.computing_element is not None:
+            processing_type = "gangarobot"
+            if self._queues.is_unified(request.site) and request.job_type == "user":
+                labels = None
+            else:
+                labels = ("prod_test", "install", "test")
+        elif label == "unified":
+            labels = ("managed", "test", "prod_test", "install", "user", "panda")
+        else:
+            labels = (label,)
+        prod_user_name = None
+        if request.prod_user_id is not None:
+            prod_user_name = _clean(request.prod_user_id)
+        return JobSelector(
+            site=request.site,
+            labels=labels,
+            processing_type=processing_type,
+            resource_type=request.resource_type,
+            memory=request.memory,
+            disk_space=request.disk_space,
+            remaining_time=request.remaining_time,
+            background=request.background,
+            prod_user_name=prod_user_name,
+            task_id=request.task_id,
+            count_sent=label in (None, "managed"),
+            node=request.node,
+            computing_element=request.computing_element,
+            scheduler_id=request.scheduler_id,
+        )
+
+    # -- updates --------------------------------------------------------------------------------
+
+    async def update(self, update: PilotUpdate) -> UpdateResult:
+        """Apply a pilot's update; runs the Adder when a job reaches its final heartbeat."""
+        record = UpdateRecord(
+            PandaID=update.panda_id,
+            state=update.state,
+            time=self._clock.seconds(),
+            api=update.api,
+            params=dict(update.raw),
+        )
+        if update.state not in VALID_UPDATE_STATES:
+            await self._store.apply_update(update.panda_id, lambda job: UpdateOutcome({}, None), record)
+            return UpdateResult(status_code=50)
+        now = self._clock.seconds()
+        outcome = await self._store.apply_update(
+            update.panda_id, lambda job: decide_update(job, update, now), record
+        )
+        if outcome.metadata_failed:
+            return UpdateResult(status_code=30, metadata_failed=True)
+        if outcome.new_status is not None and outcome.new_status != outcome.old_status:
+            log.info(
+                "job {pandaid} {old} -> {new} (pilot reported {state})",
+                pandaid=update.panda_id,
+                old=outcome.old_status,
+                new=outcome.new_status,
+                state=update.state,
+            )
+        if outcome.run_adder:
+            await self._run_adder(update.panda_id, update.state)
+        command = outcome.command
+        secrets = PILOT_SECRETS if command is not None and "debug" in command else None
+        return UpdateResult(status_code=0, command=command, secrets=secrets)
+
+    async def _run_adder(self, panda_id: int, reported: str) -> None:
+        now = self._clock.seconds()
+        outcome = await self._store.modify(panda_id, lambda job: decide_adder(job, reported, now))
+        if outcome.status is not None:
+            log.info(
+                "job {pandaid} holding -> {status} (Adder{diag})",
+                pandaid=panda_id,
+                status=outcome.status,
+                diag=f": {outcome.diag}" if outcome.diag else "",
+            )
+
+    # -- queries and development commands ---------------------------------------------------------
+
+    async def job_status(self, panda_ids: Sequence[int]) -> list[tuple[int, str | None, int]]:
+        """(PandaID, status or None if unknown, attemptNr) per requested ID."""
+        result = []
+        for panda_id in panda_ids:
+            job = await self._store.get(panda_id)
+            result.append((panda_id, job.jobStatus if job else None, job.attemptNr if job else 0))
+        return result
+
+    async def job_view(self, panda_id: int) -> dict[str, object] | None:
+        """Everything about one job, with its updates (for tests, tools and ``GET /dev/jobs/<id>``)."""
+        job = await self._store.get(panda_id)
+        if job is None:
+            return None
+        updates = await self._store.updates(panda_id)
+        view = job_summary(job)
+        view.update(
+            {
+                "job": _render(job),
+                "jobOutputReport": job.jobOutputReport,
+                "transExitCode": job.transExitCode,
+                "pilotErrorCode": job.pilotErrorCode,
+                "pilotErrorDiag": job.pilotErrorDiag,
+                "exeErrorCode": job.exeErrorCode,
+                "exeErrorDiag": job.exeErrorDiag,
+                "ddmErrorCode": job.ddmErrorCode,
+                "ddmErrorDiag": job.ddmErrorDiag,
+                "adderDiag": job.adderDiag,
+                "jobDispatcherErrorDiag": job.jobDispatcherErrorDiag,
+                "batchID": job.batchID,
+                "modificationHost": job.modificationHost,
+                "computingElement": job.computingElement,
+                "schedulerID": job.schedulerID,
+                "metaData": job.metaData,
+                "pilotFields": job.pilotFields,
+                "creationTime": _iso(job.creationTime),
+                "modificationTime": _iso(job.modificationTime),
+                "stateChangeTime": _iso(job.stateChangeTime),
+                "startTime": _iso(job.startTime),
+                "endTime": _iso(job.endTime),
+                "updates": [
+                    {
+                        "state": update.state,
+                        "time": _iso(update.time),
+                        "api": update.api,
+                        "params": update.params,
+                        "command": update.command,
+                    }
+                    for update in updates
+                ],
+            }
+        )
+        return view
+
+    async def list_jobs(self, status: str | None = None, site: str | None = None) -> list[dict[str, object]]:
+        return [job_summary(job) for job in await self._store.list_jobs(status, site)]
+
+    async def set_command(self, panda_id: int, command: str | None) -> bool:
+        """Set (or clear, with None/"") the command the pilot gets with its next update."""
+
+        def decide(job: JobRecord | None) -> tuple[Mapping[str, object], bool]:
+            if job is None:
+                return {}, False
+            return {"commandToPilot": command or None, "modificationTime": self._clock.seconds()}, True
+
+        found = await self._store.modify(panda_id, decide)
+        if found:
+            log.info("job {pandaid}: commandToPilot={command}", pandaid=panda_id, command=command)
+        return found
+
+    async def set_debug(self, panda_id: int, on: bool) -> bool:
+        """Switch a job's debug mode (``command=debug`` and ``pilotSecrets`` in update replies)."""
+
+        def decide(job: JobRecord | None) -> tuple[Mapping[str, object], bool]:
+            if job is None:
+                return {}, False
+            return {"debug": on, "modificationTime": self._clock.seconds()}, True
+
+        found = await self._store.modify(panda_id, decide)
+        if found:
+            log.info("job {pandaid}: debug mode {mode}", pandaid=panda_id, mode="on" if on else "off")
+        return found
+
+
+# -- submissions -----------------------------------------------------------------------------------
+
+
+def split_submission(submission: object) -> list[tuple[int | None, Mapping[str, object]]]:
+    """A job dict, a list of job dicts, or ``{"<PandaID>": job dict, ...}`` as (PandaID, job) pairs."""
+    if isinstance(submission, list):
+        if not submission:
+            raise JobDefinitionError("no jobs given")
+        if not all(isinstance(job, dict) for job in submission):
+            raise JobDefinitionError("a job list must hold JSON objects")
+        return [(None, job) for job in submission]
+    if isinstance(submission, dict):
+        if submission and all(
+            re.fullmatch(r"\d+", str(key)) and isinstance(v, dict) for key, v in submission.items()
+        ):
+            return [(int(key), job) for key, job in submission.items()]
+        return [(None, submission)]
+    raise JobDefinitionError("a submission is a job object, a list of them, or {PandaID: job}")
+
+
+def _with_panda_id(definition: JobDefinition, panda_id: int) -> JobDefinition:
+    return replace(definition, panda_id=panda_id)
+
+
+# -- decisions (run in the database thread: pure, no reactor, no logging) ---------------------------
+
+
+def pilot_command(job: JobRecord) -> str:
+    """The ``command`` for an update reply: ``debug`` first, then ``commandToPilot``, or ``NULL``."""
+    parts = []
+    if job.debug:
+        parts.append("debug")
+    if job.commandToPilot not in (None, ""):
+        parts.append(str(job.commandToPilot))
+    return ",".join(parts) or "NULL"
+
+
+def decide_update(job: JobRecord | None, update: PilotUpdate, now: float) -> UpdateOutcome:
+    """``updateJobStatus`` (plus ``addMetadata``) for one update, as a list of column changes."""
+    metadata_changes: dict[str, object] = {}
+    if update.metadata != "" and update.state != "failed":
+        if job is None:
+            return UpdateOutcome({}, None, metadata_failed=True)
+        if job.jobStatus not in FINAL_STATES and job.metaData is None:
+            metadata_changes["metaData"] = update.metadata
+
+    if (
+        job is None
+        or job.jobStatus not in ACTIVE_STATES
+        or (update.attempt_nr is not None and job.attemptNr != update.attempt_nr)
+    ):
+        return UpdateOutcome(metadata_changes, "tobekilled")
+
+    old = job.jobStatus
+    new = "holding" if update.state in ("finished", "failed") else update.state
+    param = dict(update.params)
+    if update.state in ("finished", "failed"):
+        param["jobDispatcherErrorDiag"] = None
+    elif update.state in ("holding", "transferring"):
+        stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        param["jobDispatcherErrorDiag"] = f"set to {update.state} by the pilot at {stamp}"
+    command = pilot_command(job)
+    unchanged = UpdateOutcome(metadata_changes, command, old_status=old, new_status=old)
+
+    if old == "failed" and new in ("holding", "transferring", "starting", "running"):
+        return UpdateOutcome(metadata_changes, "alreadydone", old_status=old, new_status=old)
+    if old == "transferring" and new == "holding" and job.jobDispatcherErrorDiag in (None, ""):
+        return UpdateOutcome(metadata_changes, "alreadydone", old_status=old, new_status=old)
+    if old == "holding" and new == "holding" and param.get("jobDispatcherErrorDiag") not in (None, ""):
+        return unchanged  # heartbeats of a pilot recovering a holding job are ignored
+    if old == "holding" and new == "holding" and job.jobDispatcherErrorDiag in (None, ""):
+        return UpdateOutcome(metadata_changes, "alreadydone", old_status=old, new_status=old)
+    if old in ("holding", "transferring") and new in ("running", "starting"):
+        return unchanged
+    new_batch = param.get("batchID")
+    if (
+        job.batchID not in ("", None)
+        and new_batch not in ("", None)
+        and job.batchID != new_batch
+        and not _numeric(job.batchID)
+        and not _numeric(new_batch)
+    ):
+        return UpdateOutcome(metadata_changes, "tobekilled", old_status=old, new_status=old)
+    if old == "running" and new == "starting":
+        new = "running"
+    if new == "transferring" and old == "holding":
+        return unchanged  # the server's UPDATE excludes holding -> transferring
+
+    changes = dict(metadata_changes)
+    changes.update(_param_columns(param, job))
+    changes.update({"jobStatus": new, "modificationTime": now})
+    if update.state in ("finished", "failed") or new != old:
+        changes["stateChangeTime"] = now
+    if (new == "holding" or (new == "transferring" and old == "running")) and job.endTime is None:
+        changes.setdefault("endTime", now)
+    if old in ("sent", "starting") and new == "running" and "startTime" not in param:
+        changes["startTime"] = now
+    if update.state in ("finished", "failed"):
+        changes["jobOutputReport"] = update.report
+    if update.stdout:
+        fields = changes["pilotFields"]
+        assert isinstance(fields, dict)
+        fields["stdout"] = update.stdout
+    return UpdateOutcome(
+        changes,
+        command,
+        old_status=old,
+        new_status=new,
+        run_adder=update.state in ("finished", "failed"),
+    )
+
+
+#: Canonical update parameters stored in their own columns (the rest go to ``pilotFields``).
+_INT_COLUMNS = ("transExitCode", "pilotErrorCode", "exeErrorCode")
+_TEXT_COLUMNS = ("pilotErrorDiag", "exeErrorDiag", "batchID", "modificationHost", "jobDispatcherErrorDiag")
+
+
+def _param_columns(param: Mapping[str, object], job: JobRecord) -> dict[str, object]:
+    changes: dict[str, object] = {}
+    fields = dict(job.pilotFields)
+    for key, value in param.items():
+        if value is None and key != "jobDispatcherErrorDiag":
+            continue
+        if key in _INT_COLUMNS:
+            changes[key] = _as_int(value)
+        elif key in _TEXT_COLUMNS:
+            changes[key] = None if value is None else str(value)
+        elif key in ("startTime", "endTime") and isinstance(value, datetime.datetime):
+            changes[key] = value.replace(tzinfo=datetime.UTC).timestamp()
+        if key not in ("jobDispatcherErrorDiag",):
+            fields[key] = value.isoformat(" ") if isinstance(value, datetime.datetime) else value
+    changes["pilotFields"] = fields
+    return changes
+
+
+def _as_int(value: object) -> int | None:
+    """Error codes as the database stores them (a leading '-' of a pilot error code is dropped)."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        return None
+    return abs(number)
+
+
+def _numeric(value: object) -> bool:
+    return re.search(r"^\d+\.*\d+$", str(value)) is not None
+
+
+def decide_adder(
+    job: JobRecord | None, reported: str, now: float
+) -> tuple[Mapping[str, object], AdderOutcome]:
+    """The Adder daemon for one job: parse the job output report and set the final state."""
+    if job is None or job.jobStatus != "holding":
+        return {}, AdderOutcome(None)
+    wire = job.definition
+    outputs = split_list(wire.get("outFiles"))
+    log_file = str(wire.get("logFile"))
+    inputs = set(split_list(wire.get("inFiles")))
+    allowed_missing = set(split_list(wire.get("allowNoOutput")))
+    status = reported
+    changes: dict[str, object] = {}
+    diag: str | None = None
+    try:
+        entries = parse_job_output_report(job.jobOutputReport, inputs)
+    except ReportError as exc:
+        status = "failed"
+        diag = str(exc)
+        if job.pilotErrorCode in (0, None) and job.transExitCode in (0, None):
+            changes.update({"ddmErrorCode": EC_ADDER, "ddmErrorDiag": REPORT_ERROR_DIAG})
+    else:
+        known = inputs | set(outputs)
+        unknown = [lfn for lfn in entries if lfn not in known]
+        if status == "finished":
+            for lfn in outputs:
+                if lfn not in entries and lfn not in allowed_missing:
+                    status, diag = "failed", f"expected output {lfn} is missing in pilot JSON"
+                    changes.update({"ddmErrorCode": EC_ADDER, "ddmErrorDiag": diag})
+                    break
+        if status == "finished" and log_file in entries and entries[log_file] != wire.get("logGUID"):
+            status = "failed"
+            diag = f"GUID {entries[log_file]} of log file {log_file} is not the logGUID {wire.get('logGUID')} of the job"
+            changes.update({"ddmErrorCode": EC_INCONSISTENT_GUID, "ddmErrorDiag": diag})
+        if unknown:
+            status, diag = "failed", f"pilot produced {unknown[0]} inconsistently with jobdef"
+            changes.update({"ddmErrorCode": EC_ADDER, "ddmErrorDiag": diag})
+    changes.update({"jobStatus": status, "adderDiag": diag, "modificationTime": now, "stateChangeTime": now})
+    if status == "finished":
+        changes["jobDispatcherErrorDiag"] = None
+    return changes, AdderOutcome(status, diag)
+
+
+class ReportError(ValueError):
+    """The job output report cannot be used (the Adder's "Issue with parsing Job Output Report")."""
+
+
+def parse_job_output_report(report: str | None, inputs: set[str]) -> dict[str, str]:
+    """LFN -> GUID of a job output report, with the checks of ``parse_job_output_report``."""
+    if not report:
+        raise ReportError("Job Output Report is empty")
+    try:
+        document = json.loads(report)
+        if not isinstance(document, dict):
+            raise TypeError(f"expected a JSON object, got {type(document).__name__}")
+        guids: dict[str, str] = {}
+        for lfn, entry in document.items():
+            if not isinstance(entry, dict):
+                raise TypeError(f"entry for {lfn} is not an object")
+            guid = str(entry["guid"])
+            fsize = int(entry["fsize"]) if "fsize" in entry else None
+            md5sum = str(entry["md5sum"]) if "md5sum" in entry else None
+            if md5sum is not None and re.search("^[a-fA-F0-9]{32}$", md5sum) is None:
+                md5sum = None
+            adler32 = str(entry["adler32"]) if "adler32" in entry else None
+            if lfn not in inputs and (fsize is None or (md5sum is None and adler32 is None)):
+                raise ValueError(f"fsize/md5sum/adler32/surl=None for {lfn}")
+            guids[str(lfn)] = guid
+    except (ValueError, TypeError, KeyError) as exc:
+        detail = f"{type(exc).__name__} {exc}"
+        raise ReportError(f"Issue with parsing Job Output Report: {detail}") from None
+    return guids
+
+
+# -- views ---------------------------------------------------------------------------------------
+
+
+def _render(job: JobRecord) -> dict[str, object]:
+    return render_job(job.definition, panda_id=job.PandaID, attempt_nr=job.attemptNr, debug=job.debug)
+
+
+def job_summary(job: JobRecord) -> dict[str, object]:
+    return {
+        "PandaID": job.PandaID,
+        "jobStatus": job.jobStatus,
+        "attemptNr": job.attemptNr,
+        "computingSite": job.computingSite,
+        "prodSourceLabel": job.prodSourceLabel,
+        "prodUserID": job.prodUserID,
+        "jobName": job.definition.get("jobName"),
+        "commandToPilot": job.commandToPilot,
+        "debug": job.debug,
+    }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
+
+
+def _clean(dn: str) -> str:
+    return clean_user_id(dn) or dn

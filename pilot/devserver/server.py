@@ -1,0 +1,326 @@
+"""Start and stop the development server from Python (tests, benchmarks, the demo) or twistd.
+
+``start_dev_server`` builds everything (PKI, SQLite store, dispatcher, HTTP site),
+listens, and returns a ``DevServer`` handle whose ``url`` uses ``localhost`` so that
+host-name verification matches the generated certificate.  ``DevServer.stop`` stops
+listening, closes the connections, waits for requests in progress and closes the
+database, so a trial test that awaits it leaves a clean reactor.
+
+``DevServerService`` wraps the same for ``twistd -n panda-dev``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorTCP,
+    IReactorTime,
+)
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from pilot.devserver.auth import Authenticator, ServerTLS, TokenGrant
+from pilot.devserver.dispatcher import Dispatcher
+from pilot.devserver.handlers import PilotAPI
+from pilot.devserver.pki import PKIFiles, generate_pki
+from pilot.devserver.queues import QueueRegistry
+from pilot.devserver.store import JobStore
+from pilot.devserver.web import DevServerResource, DevSite, RequestLog
+
+log = Logger()
+
+#: How long ``stop`` lets open connections flush before cutting them.
+CLOSE_GRACE = 5.0
+
+
+class _ConnectionTracker(WrappingFactory):
+    """Knows the open connections, so that stopping the server can close them and wait."""
+
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory, clock: IReactorTime) -> None:
+        super().__init__(wrapped)  # type: ignore[no-untyped-call]
+        self._clock = clock
+        self._idle: list[Deferred[None]] = []
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
+        if not self.protocols:
+            waiting, self._idle = self._idle, []
+            for waiter in waiting:
+                waiter.callback(None)
+
+    async def close_all(self) -> None:
+        if not self.protocols:
+            return
+        idle: Deferred[None] = Deferred()
+        self._idle.append(idle)
+        for connection in list(self.protocols):
+            connection.transport.loseConnection()
+        cut = self._clock.callLater(CLOSE_GRACE, self._abort_all)
+        try:
+            await idle
+        finally:
+            if cut.active():
+                cut.cancel()
+
+    def _abort_all(self) -> None:
+        for connection in list(self.protocols):
+            connection.transport.abortConnection()
+
+
+@dataclass
+class DevServer:
+    """A running development server."""
+
+    url: str
+    port: int
+    pki: PKIFiles
+    state_dir: Path
+    request_log: RequestLog
+    dispatcher: Dispatcher
+    authenticator: Authenticator
+    queues: QueueRegistry
+    _store: JobStore = field(repr=False)
+    _listening: IListeningPort = field(repr=False)
+    _connections: _ConnectionTracker = field(repr=False)
+    _resource: DevServerResource = field(repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def user_dn(self) -> str:
+        return self.pki.user_dn
+
+    async def submit(self, job: Mapping[str, object] | Sequence[Mapping[str, object]]) -> list[int]:
+        """Submit a job dict, a list of them, or ``{PandaID: dict}``; returns the PandaIDs."""
+        return await self.dispatcher.submit(job, submitter_dn=self.pki.user_dn)
+
+    async def submit_file(self, path: Path) -> list[int] | None:
+        """Submit a JSON job file once: None if the same content was submitted before."""
+        return await self.dispatcher.submit_file(path.read_bytes(), str(path), submitter_dn=self.pki.user_dn)
+
+    async def job(self, panda_id: int) -> dict[str, object]:
+        """State, fields, pilot reports, output report and updates of a job (``KeyError`` if unknown)."""
+        view = await self.dispatcher.job_view(panda_id)
+        if view is None:
+            raise KeyError(panda_id)
+        return view
+
+    async def jobs(self, status: str | None = None, site: str | None = None) -> list[dict[str, object]]:
+        return await self.dispatcher.list_jobs(status, site)
+
+    async def set_command(self, panda_id: int, command: str | None) -> None:
+        """The ``commandToPilot`` of a job (e.g. ``tobekilled``, ``softkill``; None clears it)."""
+        if not await self.dispatcher.set_command(panda_id, command):
+            raise KeyError(panda_id)
+
+    async def set_debug(self, panda_id: int, on: bool = True) -> None:
+        """Switch debug mode of a job on or off."""
+        if not await self.dispatcher.set_debug(panda_id, on):
+            raise KeyError(panda_id)
+
+    def ready_info(self) -> dict[str, object]:
+        """What clients need to find and trust this server."""
+        return {
+            "url": self.url,
+            "port": self.port,
+            "ca_cert": str(self.pki.ca_cert),
+            "ca_dir": str(self.pki.ca_dir),
+            "client_proxy": str(self.pki.client_proxy),
+            "client_cert": str(self.pki.client_cert),
+            "client_key": str(self.pki.client_key),
+            "state_dir": str(self.state_dir),
+            "user_dn": self.pki.user_dn,
+        }
+
+    def write_ready_file(self, path: Path) -> None:
+        """Write ``ready_info`` as JSON atomically (written to a temporary name, then renamed)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.ready_info(), indent=1) + "\n")
+        os.replace(tmp, path)
+
+    async def stop(self) -> None:
+        """Stop listening, finish or close connections, then close the database."""
+        if self._stopped:
+            return
+        self._stopped = True
+        stopping = self._listening.stopListening()
+        if stopping is not None:
+            await stopping
+        await self._resource.wait_idle()
+        await self._connections.close_all()
+        await self._resource.wait_idle()
+        self._store.close()
+        log.info("panda-dev server at {url} stopped", url=self.url)
+
+
+async def start_dev_server(
+    reactor: IReactorTCP,
+    state_dir: Path,
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    plain_http: bool = False,
+    queues: Mapping[str, Mapping[str, object]] | None = None,
+    tokens: Iterable[TokenGrant | str] = (),
+    production_dns: Sequence[str] | None = None,
+    timefloor: int = 0,
+    request_log_size: int = 1000,
+) -> DevServer:
+    """Start a development server keeping its state (database, PKI) in ``state_dir``.
+
+    ``queues`` maps queue names to queuedata (``{}`` for generated defaults, with
+    ``timefloor`` minutes).  ``tokens`` are accepted bearer tokens (``TOKEN[:VO]``
+    strings are production tokens).  ``production_dns`` defaults to the generated
+    user DN.  ``plain_http`` serves HTTP and treats every caller as that user with
+    the production role (a debugging switch only).
+    """
+    clock = IReactorTime(reactor)
+    state_dir = state_dir.absolute()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    pki = generate_pki(state_dir / "pki")
+    store = JobStore(IReactorCore(reactor), state_dir / "panda-dev.sqlite")
+    try:
+        await store.start()
+        registry = QueueRegistry(queues, timefloor=timefloor)
+        authenticator = Authenticator(
+            production_dns=production_dns if production_dns is not None else [pki.user_dn],
+            tokens=[TokenGrant.parse(grant) if isinstance(grant, str) else grant for grant in tokens],
+            plain_http=plain_http,
+            default_dn=pki.user_dn,
+        )
+        dispatcher = Dispatcher(store, clock, registry)
+        request_log = RequestLog(request_log_size)
+        resource = DevServerResource(
+            api=PilotAPI(dispatcher, store, authenticator, clock),
+            dispatcher=dispatcher,
+            authenticator=authenticator,
+            queues=registry,
+            request_log=request_log,
+            clock=clock,
+        )
+        site: IProtocolFactory = DevSite(resource, clock)
+        if not plain_http:
+            site = TLSMemoryBIOFactory(ServerTLS(pki), False, site, clock)
+        connections = _ConnectionTracker(site, clock)
+        endpoint = (
+            TCP6ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]
+            if ":" in host
+            else TCP4ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]
+        )
+        listening: IListeningPort = await endpoint.listen(connections)  # type: ignore[no-untyped-call]
+    except BaseException:
+        store.close()
+        raise
+    address = listening.getHost()
+    assert isinstance(address, IPv4Address | IPv6Address)
+    bound = address.port
+    scheme = "http" if plain_http else "https"
+    name = "localhost" if host in ("127.0.0.1", "::1", "0.0.0.0", "::", "localhost") else host
+    server = DevServer(
+        url=f"{scheme}://{name}:{bound}",
+        port=bound,
+        pki=pki,
+        state_dir=state_dir,
+        request_log=request_log,
+        dispatcher=dispatcher,
+        authenticator=authenticator,
+        queues=registry,
+        _store=store,
+        _listening=listening,
+        _connections=connections,
+        _resource=resource,
+    )
+    log.info(
+        "panda-dev server listening at {url} (state in {state_dir}, queues: {queues})",
+        url=server.url,
+        state_dir=str(state_dir),
+        queues=", ".join(registry) or "none",
+    )
+    return server
+
+
+@dataclass(frozen=True)
+class DevServerConfig:
+    """Everything ``twistd panda-dev`` can be told."""
+
+    state_dir: Path
+    port: int = 25443
+    host: str = "127.0.0.1"
+    plain_http: bool = False
+    queues: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    tokens: tuple[TokenGrant, ...] = ()
+    production_dns: tuple[str, ...] | None = None
+    timefloor: int = 0
+    job_files: tuple[Path, ...] = ()
+    ready_file: Path | None = None
+
+
+class DevServerService(Service):
+    """The development server as a twistd service."""
+
+    def __init__(self, reactor: IReactorTCP, config: DevServerConfig) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._starting: Deferred[None] | None = None
+        self.server: DevServer | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._failed)
+
+    async def _start(self) -> None:
+        config = self._config
+        self.server = await start_dev_server(
+            self._reactor,
+            config.state_dir,
+            port=config.port,
+            host=config.host,
+            plain_http=config.plain_http,
+            queues=config.queues,
+            tokens=config.tokens,
+            production_dns=config.production_dns,
+            timefloor=config.timefloor,
+        )
+        for path in config.job_files:
+            ids = await self.server.submit_file(path)
+            if ids is not None:
+                log.info("{path}: jobs {pandaids} submitted", path=str(path), pandaids=ids)
+        if config.ready_file is not None:
+            self.server.write_ready_file(config.ready_file)
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return  # stopped while starting
+        log.failure("the panda-dev server could not start", failure)
+        IReactorCore(self._reactor).stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        if self.server is not None:
+            await self.server.stop()
+        if self._config.ready_file is not None:
+            try:
+                self._config.ready_file.unlink()
+            except FileNotFoundError:
+                pass
