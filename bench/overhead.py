@@ -93,14 +93,20 @@ async def run(reactor: Any, n: int, run_dir: Path) -> dict[str, Any]:
     try:
         summary_file = run_dir / "summary.json"
         args = pilot_arguments(
-            server,
+            server.url,
+            str(server.info["ca_cert"]),
             queue=QUEUE,
             workdir=run_dir / "pilot",
             summary_file=summary_file,
             extra=["--getjob-requests", "1"],
         )
         pilot = start_pilot_process(
-            reactor, reactor, server, args, workdir=run_dir / "pilot", log_path=run_dir / "pilot.log"
+            reactor,
+            reactor,
+            args,
+            proxy=str(server.info["client_proxy"]),
+            workdir=run_dir / "pilot",
+            log_path=run_dir / "pilot.log",
         )
         outcome = await pilot.wait()
     finally:

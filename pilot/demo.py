@@ -66,10 +66,21 @@ async def run_demo(reactor: Any, run_dir: Path) -> int:
     _print(f"  dev server listening at {server.url} (CA {server.info['ca_cert']})")
     try:
         summary_file = run_dir / "summary.json"
-        args = pilot_arguments(server, queue=QUEUE, workdir=run_dir / "pilot", summary_file=summary_file)
+        args = pilot_arguments(
+            server.url,
+            str(server.info["ca_cert"]),
+            queue=QUEUE,
+            workdir=run_dir / "pilot",
+            summary_file=summary_file,
+        )
         _print("  running: twistd -n pilot " + " ".join(args))
         pilot = start_pilot_process(
-            reactor, reactor, server, args, workdir=run_dir / "pilot", log_path=run_dir / "pilot.log"
+            reactor,
+            reactor,
+            args,
+            proxy=str(server.info["client_proxy"]),
+            workdir=run_dir / "pilot",
+            log_path=run_dir / "pilot.log",
         )
         outcome = await pilot.wait()
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"jobs": []}

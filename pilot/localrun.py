@@ -119,23 +119,24 @@ async def start_dev_server_process(
 
 
 def pilot_arguments(
-    server: LocalDevServer,
+    url: str,
+    ca_cert: str,
     *,
     queue: str,
     workdir: Path,
     summary_file: Path,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The ``twistd pilot`` arguments for a run against ``server`` (proxy via the environment)."""
+    """The ``twistd pilot`` arguments for a run against the server at ``url``."""
     return [
         "-q",
         queue,
         "--url",
-        server.url,
+        url,
         "--cacert",
-        str(server.info["ca_cert"]),
+        ca_cert,
         "--queuedata",
-        f"{server.url}/cache/schedconfig/{queue}.all.json",
+        f"{url}/cache/schedconfig/{queue}.all.json",
         "--job-label",
         "managed",
         "--workdir",
@@ -151,19 +152,19 @@ def pilot_arguments(
 def start_pilot_process(
     spawner: IReactorProcess,
     clock: IReactorTime,
-    server: LocalDevServer,
     args: Sequence[str],
     *,
+    proxy: str,
     workdir: Path,
     log_path: Path,
 ) -> ManagedProcess:
-    """Start ``twistd -n pilot <args>`` presenting the dev server's client proxy."""
+    """Start ``twistd -n pilot <args>`` with ``X509_USER_PROXY=proxy``."""
     workdir.mkdir(parents=True, exist_ok=True)
     process = ManagedProcess(
         spawner,
         clock,
         twistd_argv("pilot", *args),
-        env=child_environment({"X509_USER_PROXY": str(server.info["client_proxy"])}),
+        env=child_environment({"X509_USER_PROXY": proxy}),
         cwd=workdir,
         stdout=log_path,
         stderr=log_path,

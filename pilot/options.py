@@ -416,7 +416,7 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         except PilotError as exc:
             raise ConfigError(f"--queuedata: {exc.detail}", exit_code_for(exc.code)) from None
 
-    workdir = Path(values["workdir"]) if values.get("workdir") else Path.cwd()
+    workdir = Path(values["workdir"]).absolute() if values.get("workdir") else Path.cwd()
     log_file = Path(values["log-file"]) if values.get("log-file") else None
     summary = Path(values["summary-file"]) if values.get("summary-file") else None
     worker_id = environ.get("HARVESTER_WORKER_ID")

@@ -228,7 +228,7 @@ class PilotService(Service):
         return await self._job_loop()
 
     def _make_pilot_dir(self) -> Path:
-        base = self.config.workdir
+        base = self.config.workdir.absolute()
         path = base / f"txpilot_{os.getpid()}_{int(self._clock.seconds())}"
         try:
             path.mkdir(parents=True, mode=0o750)

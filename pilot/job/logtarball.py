@@ -40,6 +40,7 @@ async def create_log_tarball(
     control: ProcessControl = OS_PROCESS_CONTROL,
 ) -> Path:
     """Create ``destination`` from ``workdir``; PilotError(LOGFILECREATIONFAILURE/LOGCREATIONTIMEOUT)."""
+    workdir, destination = workdir.absolute(), destination.absolute()
     scan = await in_thread(scan_workdir, workdir)
     destination.parent.mkdir(parents=True, exist_ok=True)
     excludes = destination.parent / f".{destination.name}.exclude"

@@ -102,13 +102,14 @@ class OSProcessControl:
             pass
 
     def group_alive(self, pgid: int) -> bool:
+        """Whether the group has a member that is not a zombie (zombies are already dead)."""
         if pgid == os.getpgrp():
             return False
         try:
             os.killpg(pgid, 0)
         except (ProcessLookupError, PermissionError):
             return False
-        return True
+        return bool(self.group_members(pgid))
 
     def descendants(self, pid: int) -> set[Descendant]:
         try:
@@ -118,7 +119,8 @@ class OSProcessControl:
         found: set[Descendant] = set()
         for child in children:
             try:
-                found.add(Descendant(child.pid, child.create_time()))
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    found.add(Descendant(child.pid, child.create_time()))
             except psutil.Error:
                 continue
         return found
@@ -127,7 +129,7 @@ class OSProcessControl:
         found: set[Descendant] = set()
         for process in psutil.process_iter():
             try:
-                if os.getpgid(process.pid) == pgid:
+                if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
                     found.add(Descendant(process.pid, process.create_time()))
             except (OSError, psutil.Error):
                 continue
