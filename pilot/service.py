@@ -198,7 +198,7 @@ class PilotService(Service):
             self._stop_code = ErrorCode.REACHEDMAXTIME
             self._current.abort(
                 ErrorCode.REACHEDMAXTIME,
-                f"pilot lifetime of {self.config.lifetime:.0f} s reached",
+                f"pilot lifetime of {self.lifetime:.0f} s reached",
                 final_deadline=self._deadline(),
             )
         elif self._wait is not None:
@@ -221,7 +221,7 @@ class PilotService(Service):
         except PilotError as exc:
             self.log.error("{diag}", diag=exc.diag, event="pilot.startup_failed", code=int(exc.code))
             return exit_code_for(exc.code)
-        end_of_work = self._started_at + self.config.lifetime - self.config.lifetime_margin
+        end_of_work = self._started_at + self.lifetime - self.config.lifetime_margin
         self._lifetime_call = self._clock.callLater(
             max(0.0, end_of_work - self._clock.seconds()), self._lifetime_reached
         )
