@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ QUEUE = "DEMO_QUEUE"
 JOBS = Path(__file__).parent / "data" / "demo-jobs.json"
 
 
-def _print(text: str = "") -> None:
+def _stdout(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
@@ -54,7 +55,12 @@ async def _server_view(reactor: Any, info: dict[str, Any], panda_ids: list[int])
     return views
 
 
-async def run_demo(reactor: Any, run_dir: Path) -> int:
+async def run_demo(reactor: Any, run_dir: Path, output: Callable[[str], None] = _stdout) -> int:
+    """Run the demo in ``run_dir``; returns the process exit code (0: all jobs finished)."""
+
+    def _print(text: str = "") -> None:
+        output(text)
+
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     jobs_file = run_dir / "jobs.json"

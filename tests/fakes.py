@@ -70,6 +70,7 @@ class ScriptedPanda(Resource):
         self.scripted: list[Scripted] = []
         self.commands: dict[int, str] = {}
         self.update_status: list[int] = []
+        self.files: dict[str, bytes] = {}
         self.on_call: Callable[[Call], None] | None = None
 
     # -- inspection ----------------------------------------------------------------
@@ -123,6 +124,9 @@ class ScriptedPanda(Resource):
         self.calls.append(call)
         if self.on_call is not None:
             self.on_call(call)
+        if request.method == b"GET" and path in self.files:
+            request.setHeader(b"content-type", b"application/octet-stream")
+            return self.files[path]
         if self.scripted:
             canned = self.scripted.pop(0)
             request.setResponseCode(canned.status)

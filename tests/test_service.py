@@ -16,7 +16,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.config import ApiMode, PilotConfig
+from pilot.config import ApiMode, KeepWorkdirs, PilotConfig
 from pilot.errorcodes import ErrorCode
 from pilot.errors import ExitCode
 from pilot.experiments.generic import GenericExperiment
@@ -176,6 +176,44 @@ class LifecycleTests(SynchronousTestCase):
         h.finish_payload(0)
         self.assertEqual(h.server.states(104), ["starting", "running", "finished"])
         self.assertTrue(all(c.path.startswith("/server/panda/") for c in h.server.calls))
+
+
+class WorkdirAndTransformationTests(SynchronousTestCase):
+    def test_url_transformation_is_downloaded_and_run(self) -> None:
+        h = ServiceHarness(self)
+        h.server.files["/trf/runGen-00-00-02"] = b"#!/bin/sh\necho analysis\n"
+        h.server.jobs.append(job(111, transformation=f"{BASE}/trf/runGen-00-00-02", jobPars="--in a.root"))
+        h.start()
+        payload = h.payload()
+        self.assertEqual(payload.command[-1], "./runGen-00-00-02 --in a.root")
+        script = Path(str(payload.path)) / "runGen-00-00-02"
+        self.assertEqual(script.read_bytes(), b"#!/bin/sh\necho analysis\n")
+        self.assertEqual(script.stat().st_mode & 0o777, 0o755)
+        h.finish_payload(0)
+
+    def test_failed_download_fails_the_job(self) -> None:
+        h = ServiceHarness(self, baseurls=("https://mirror.example.org",))
+        h.server.jobs.append(job(112, transformation=f"{BASE}/trf/missing"))
+        h.start()
+        h.clock.pump([2.0, 4.0, 2.0, 4.0])
+        h.clock.advance(0)
+        final = h.server.updates(112)[-1]
+        self.assertEqual(final["state"], "failed")
+        self.assertEqual(final["pilot_error_code"], ErrorCode.TRFDOWNLOADFAILURE)
+        self.assertEqual(h.spawner.payloads(), [])
+
+    def test_failed_job_directories_kept_on_request(self) -> None:
+        h = ServiceHarness(self, timefloor=60, keep_workdirs=KeepWorkdirs.FAILED)
+        h.server.jobs += [job(113), job(114)]
+        h.start()
+        first = Path(str(h.payload().path))
+        h.finish_payload(0)
+        second = Path(str(h.payload().path))
+        h.finish_payload(1)
+        self.assertFalse(first.exists(), "finished job: removed")
+        self.assertTrue((second / "payload.stdout").exists(), "failed job: kept for inspection")
+        summary = json.loads((second / "job_summary.json").read_text())
+        self.assertEqual(summary["state"], "failed")
 
 
 class HeartbeatTests(SynchronousTestCase):
