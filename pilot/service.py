@@ -46,7 +46,7 @@ from pilot.job.reporter import PilotIdentity
 from pilot.logs import JsonLogFile, pilot_observer
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
-from pilot.server.client import JobRequest, PandaClient, ServerError, StatusCode
+from pilot.server.client import JobRequest, PandaClient, ServerError, ServerRefused, StatusCode
 
 T = TypeVar("T")
 
@@ -304,6 +304,11 @@ class PilotService(Service):
                 result = await self._guarded(self._client.acquire_job(self._job_request()))
             except CancelledError:
                 continue
+            except ServerRefused as exc:
+                if exc.http_status in (401, 403):
+                    return self._refused(str(exc))
+                failed = True
+                self.log.error("job request failed: {error}", error=str(exc), event="pilot.getjob_failed")
             except ServerError as exc:
                 failed = True
                 self.log.error("job request failed: {error}", error=str(exc), event="pilot.getjob_failed")
@@ -315,6 +320,8 @@ class PilotService(Service):
                     without_job = failures_in_a_row = 0
                     streak_all_failures = False
                     continue
+                if result.status in (StatusCode.ROLE, StatusCode.PERMISSION):
+                    return self._refused(f"StatusCode {int(result.status)}: {result.message}")
                 if result.status is not StatusCode.NO_JOBS:
                     failed = True
                     self.log.error(
@@ -347,6 +354,15 @@ class PilotService(Service):
         if streak_all_failures and without_job > 0:
             return ExitCode.COMMUNICATIONFAILURE
         return ExitCode.OK
+
+    def _refused(self, reason: str) -> ExitCode:
+        """The server will not give this pilot jobs with its credentials: asking again is pointless."""
+        self.log.error(
+            "the server refuses this pilot's credentials ({reason}); check the proxy's VOMS role or the token",
+            reason=reason,
+            event="pilot.refused",
+        )
+        return exit_code_for(self._stop_code) if self._stop_code is not None else ExitCode.NOPROXY
 
     def _backoff(self, attempt: int) -> float:
         base = min(self.config.nojob_backoff * 2.0 ** (attempt - 1), self.config.nojob_backoff_max)

@@ -306,6 +306,23 @@ class MultiJobTests(SynchronousTestCase):
         self.assertEqual(times, [0.0, 2.0, 6.0, 11.0, 13.0, 17.0])
         self.assertEqual(h.service.exit_code, ExitCode.COMMUNICATIONFAILURE)
 
+    def test_no_role_ends_the_pilot_at_once(self) -> None:
+        for reply in (
+            Scripted(
+                200,
+                b'{"success": false, "message": "no production/pilot role in VOMS FQANs or non pilot owner", "data": null}',
+            ),
+            Scripted(
+                403, b"ERROR : Token authentication failed. signature verification failed", "text/plain"
+            ),
+        ):
+            h = ServiceHarness(self, getjob_requests=5)
+            h.server.scripted.append(reply)
+            h.start()
+            self.assertEqual(len(h.server.acquires()), 1)
+            self.assertEqual(h.service.exit_code, ExitCode.NOPROXY)
+            self.assertEqual(h.clock.getDelayedCalls(), [])
+
     def test_bad_definitions_are_failed_and_the_pilot_goes_on(self) -> None:
         h = ServiceHarness(self, timefloor=60)
         missing_id = job(1)
