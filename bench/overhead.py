@@ -33,7 +33,7 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
-from pilot.localrun import pilot_arguments, start_dev_server_process, start_pilot_process
+from pilot.localrun import run_pilot, start_dev_server_process
 from pilot.process.runner import ManagedProcess
 
 QUEUE = "BENCH_QUEUE"
@@ -91,27 +91,11 @@ async def run(reactor: Any, n: int, run_dir: Path) -> dict[str, Any]:
         reactor, reactor, run_dir / "panda-dev", queue=QUEUE, job_files=[jobs_file], timefloor_minutes=60
     )
     try:
-        summary_file = run_dir / "summary.json"
-        args = pilot_arguments(
-            server.url,
-            str(server.info["ca_cert"]),
-            queue=QUEUE,
-            workdir=run_dir / "pilot",
-            summary_file=summary_file,
-            extra=["--getjob-requests", "1"],
+        outcome, summary = await run_pilot(
+            reactor, reactor, server, run_dir, queue=QUEUE, extra=["--getjob-requests", "1"]
         )
-        pilot = start_pilot_process(
-            reactor,
-            reactor,
-            args,
-            proxy=str(server.info["client_proxy"]),
-            workdir=run_dir / "pilot",
-            log_path=run_dir / "pilot.log",
-        )
-        outcome = await pilot.wait()
     finally:
         await server.stop()
-    summary = json.loads(summary_file.read_text())
     jobs = summary["jobs"]
     if outcome.shell_status != 0 or len(jobs) != n or any(j["state"] != "finished" for j in jobs):
         raise SystemExit(

@@ -28,7 +28,7 @@ from twisted.internet.task import react
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from pilot.config import Credentials
-from pilot.localrun import pilot_arguments, start_dev_server_process, start_pilot_process
+from pilot.localrun import run_pilot, start_dev_server_process
 from pilot.server.tls import PilotTLSPolicy
 
 QUEUE = "DEMO_QUEUE"
@@ -71,25 +71,8 @@ async def run_demo(reactor: Any, run_dir: Path, output: Callable[[str], None] = 
     )
     _print(f"  dev server listening at {server.url} (CA {server.info['ca_cert']})")
     try:
-        summary_file = run_dir / "summary.json"
-        args = pilot_arguments(
-            server.url,
-            str(server.info["ca_cert"]),
-            queue=QUEUE,
-            workdir=run_dir / "pilot",
-            summary_file=summary_file,
-        )
-        _print("  running: twistd -n pilot " + " ".join(args))
-        pilot = start_pilot_process(
-            reactor,
-            reactor,
-            args,
-            proxy=str(server.info["client_proxy"]),
-            workdir=run_dir / "pilot",
-            log_path=run_dir / "pilot.log",
-        )
-        outcome = await pilot.wait()
-        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"jobs": []}
+        _print(f"  running: twistd -n pilot -q {QUEUE} --url {server.url} ... (log: {run_dir / 'pilot.log'})")
+        outcome, summary = await run_pilot(reactor, reactor, server, run_dir, queue=QUEUE)
         jobs = summary["jobs"]
         views = await _server_view(reactor, server.info, [j["panda_id"] for j in jobs if j["panda_id"]])
     finally:

@@ -149,6 +149,42 @@ def pilot_arguments(
     ]
 
 
+async def run_pilot(
+    spawner: IReactorProcess,
+    clock: IReactorTime,
+    server: LocalDevServer,
+    run_dir: Path,
+    *,
+    queue: str,
+    extra: Sequence[str] = (),
+) -> tuple[ProcessOutcome, dict[str, Any]]:
+    """Run ``twistd -n pilot`` against ``server`` until it exits; returns its outcome and summary.
+
+    The pilot works in ``run_dir/pilot``, logs to ``run_dir/pilot.log`` and writes its
+    summary to ``run_dir/summary.json`` (an empty summary if it wrote none).
+    """
+    summary_file = run_dir / "summary.json"
+    args = pilot_arguments(
+        server.url,
+        str(server.info["ca_cert"]),
+        queue=queue,
+        workdir=run_dir / "pilot",
+        summary_file=summary_file,
+        extra=extra,
+    )
+    process = start_pilot_process(
+        spawner,
+        clock,
+        args,
+        proxy=str(server.info["client_proxy"]),
+        workdir=run_dir / "pilot",
+        log_path=run_dir / "pilot.log",
+    )
+    outcome = await process.wait()
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"pilot": {}, "jobs": []}
+    return outcome, summary
+
+
 def start_pilot_process(
     spawner: IReactorProcess,
     clock: IReactorTime,

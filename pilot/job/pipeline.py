@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
@@ -49,6 +48,7 @@ from pilot.process.runner import (
     ProcessOutcome,
     ProcessStartError,
 )
+from pilot.process.usage import tree_usage
 from pilot.queuedata import QueueData
 from pilot.server.client import JobUpdate, PandaClient, UpdateResult
 from pilot.util.checksum import file_facts
@@ -104,39 +104,6 @@ def _children_cpu_seconds() -> float:
     """CPU time of every child the pilot has reaped so far (payload trees included)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def tree_rss_kb(pid: int) -> int:
-    """Resident memory of a process and all its descendants, in kB."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.Error:
-            continue
-    return total // 1024
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time used so far by a live process tree (user + system, reaped children included)."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system + times.children_user + times.children_system
-    return total
 
 
 class JobRun:
@@ -515,12 +482,13 @@ class JobRun:
         fields = JobUpdate(job_id=self.job.panda_id, state=state.value, core_count=self.job.core_count)
         process = self._process
         if process is not None and process.running and process.pid is not None:
-            self._max_rss_kb = max(self._max_rss_kb, tree_rss_kb(process.pid))
+            usage = tree_usage(process.pid)
+            self._max_rss_kb = max(self._max_rss_kb, usage.rss_kb)
             fields = JobUpdate(
                 job_id=self.job.panda_id,
                 state=state.value,
                 core_count=self.job.core_count,
-                cpu_consumption_time=int(tree_cpu_seconds(process.pid)),
+                cpu_consumption_time=int(usage.cpu_seconds),
                 cpu_consumption_unit="s",
                 max_rss=self._max_rss_kb or None,
             )
