@@ -24,6 +24,11 @@ def read_rows(path: Path) -> list[tuple[int, str, str]]:
         return [(int(row["code"]), row["name"], row["description"]) for row in reader]
 
 
+def _quoted(text: str) -> str:
+    """A double-quoted Python literal, as the formatter writes it."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def render(rows: list[tuple[int, str, str]]) -> str:
     lines = [
         '"""PanDA pilot error codes (generated from ``pilot/data/error-codes.tsv``; do not edit).',
@@ -41,7 +46,7 @@ def render(rows: list[tuple[int, str, str]]) -> str:
     ]
     lines += [f"    {name} = {code}" for code, name, _ in rows]
     lines += ["", "", "STANDARD_MESSAGES: dict[ErrorCode, str] = {"]
-    lines += [f"    ErrorCode.{name}: {desc!r}," for _, name, desc in rows]
+    lines += [f"    ErrorCode.{name}: {_quoted(desc)}," for _, name, desc in rows]
     lines += ["}", ""]
     return "\n".join(lines)
 
