@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
 
 from pilot.job.model import Job
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from pilot.staging.tools.base import ToolContext
+    from pilot.staging.transfer import CopyRequest, CopyResult
 
 
 class IExperiment(Interface):
@@ -32,3 +39,33 @@ class IExperiment(Interface):
 
     def payload_environment(job: Job, workdir: Path, base: Mapping[str, str]) -> dict[str, str]:
         """The payload's environment, given the pilot's explicit ``base`` environment."""
+
+
+class ICopyTool(Interface):
+    """A way of moving files between the work directory and storage.
+
+    Tools are stateless objects registered by name (``pilot.staging.registry``);
+    the staging engine calls them once per attempt, with a time-out it enforces by
+    cancelling the Deferred the tool returned.  Tools never block the reactor: they
+    run child processes (``ProcessProtocol``) or speak HTTP with treq.
+    """
+
+    name = Attribute("Registry name as used in queuedata copytools (str).")
+    schemes = Attribute("URL schemes the tool reads and writes (frozenset of str).")
+    resolves_replicas = Attribute(
+        "True when the tool finds sources itself from scope:lfn and uploads to an RSE by name (Rucio)."
+    )
+
+    def copy_in(request: CopyRequest, context: ToolContext) -> Deferred[CopyResult]:
+        """Copy ``request.remote`` to ``request.local``; a Deferred firing with a CopyResult.
+
+        Fails with ``TransferError`` (PanDA code, ``missing`` when the source does
+        not exist).  The caller verifies size and checksum afterwards.
+        """
+
+    def copy_out(request: CopyRequest, context: ToolContext) -> Deferred[CopyResult]:
+        """Copy ``request.local`` to ``request.remote``; a Deferred firing with a CopyResult.
+
+        ``request.checksum`` holds the local adler32; tools that can verify it on
+        the remote side do so and say so in the result.
+        """

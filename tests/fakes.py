@@ -30,9 +30,9 @@ from zope.interface import implementer
 from pilot.process.runner import Descendant
 
 
-def run_sync(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+def run_sync(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
     """A ThreadRunner that runs the function at once (tests only)."""
-    return succeed(f(*args))
+    return succeed(f(*args, **kwargs))
 
 
 @dataclass

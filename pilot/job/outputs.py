@@ -32,7 +32,7 @@ T = TypeVar("T")
 class ThreadRunner(Protocol):
     """Runs a blocking function in a worker thread (``deferToThreadPool`` bound to a pool)."""
 
-    def __call__(self, f: Callable[..., T], *args: Any) -> Deferred[T]: ...
+    def __call__(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]: ...
 
 
 @dataclass(frozen=True)

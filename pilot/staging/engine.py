@@ -1,0 +1,414 @@
+"""Running transfers: attempts in order, in parallel, verified, timed, recorded.
+
+For each file the engine tries its attempts (tool + replica/endpoint) in order
+until one succeeds.  Each attempt has a time-out that grows with the file's size
+(enforced on the injected clock by cancelling the tool's Deferred, which kills a
+tool's process group); long transfers log their progress at a fixed interval.
+Inputs are checked after the copy — size, then adler32 or md5 against the job
+definition, computed in a thread (or while the bytes streamed in) — and a bad copy
+is deleted before the next attempt.  Outputs are checked at the far end where the
+tool can.  Up to ``parallel`` files move at once.  Every finished transfer goes to
+the durable ``TransferRecord``; a file the record shows as already done (and still
+intact) is not copied again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from pilot.errorcodes import ErrorCode
+from pilot.job.model import Checksum
+from pilot.logs import pilot_observer
+from pilot.staging.plan import FileTransfer
+from pilot.staging.record import RecordEntry, TransferRecord
+from pilot.staging.registry import CopytoolRegistry
+from pilot.staging.tools.base import ToolContext
+from pilot.staging.transfer import Attempt, CopyRequest, CopyResult, Direction, TransferError, timeout_for
+from pilot.util.checksum import FileFacts, file_facts
+
+
+def _size_text(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class _Progress:
+    """Bytes moved so far by one attempt, reported at a fixed interval."""
+
+    log = Logger(observer=pilot_observer)
+
+    def __init__(self, transfer: FileTransfer, attempt: Attempt, started: float, clock: Any) -> None:
+        self._transfer = transfer
+        self._attempt = attempt
+        self._started = started
+        self._clock = clock
+        self.reported: int | None = None
+
+    def update(self, count: int) -> None:
+        self.reported = count
+
+    def current(self) -> int | None:
+        if self.reported is not None:
+            return self.reported
+        if self._transfer.direction is Direction.IN:
+            try:
+                return os.stat(self._transfer.local).st_size
+            except OSError:
+                return 0
+        return None
+
+    def report(self) -> None:
+        elapsed = max(1e-6, self._clock.seconds() - self._started)
+        done = self.current()
+        total = self._transfer.size
+        if done is None:
+            self.log.info(
+                "{lfn}: {tool} running for {elapsed:.0f} s",
+                lfn=self._transfer.lfn,
+                tool=self._attempt.tool,
+                elapsed=elapsed,
+                event="transfer.progress",
+            )
+            return
+        rate = done / elapsed
+        eta = (total - done) / rate if total and rate > 0 else None
+        self.log.info(
+            "{lfn}: {done_text}{of} at {rate_text}/s{eta_text}",
+            lfn=self._transfer.lfn,
+            done_text=_size_text(done),
+            of=f" of {_size_text(total)} ({100 * done / total:.0f} %)" if total else "",
+            rate_text=_size_text(rate),
+            eta_text=f", ETA {eta:.0f} s" if eta is not None else "",
+            bytes=done,
+            total=total,
+            rate=rate,
+            eta=eta,
+            tool=self._attempt.tool,
+            event="transfer.progress",
+        )
+
+
+class StagingEngine:
+    log = Logger(observer=pilot_observer)
+
+    def __init__(
+        self,
+        registry: CopytoolRegistry,
+        context: ToolContext,
+        *,
+        parallel: int = 4,
+        progress_interval: float = 60.0,
+        record: TransferRecord | None = None,
+        timeout_base: float = 400.0,
+        timeout_rate: float = 1e6,
+    ) -> None:
+        self.registry = registry
+        self.context = context
+        self.parallel = max(1, parallel)
+        self.progress_interval = progress_interval
+        self.record = record
+        self.timeout_base = timeout_base
+        self.timeout_rate = timeout_rate
+        self._recorded: dict[tuple[str, str], RecordEntry] | None = None
+        self._stopping = False
+
+    @property
+    def clock(self) -> Any:
+        return self.context.clock
+
+    async def run(self, transfers: Sequence[FileTransfer], *, stop_on_failure: bool = False) -> None:
+        """Move every file; outcomes land on the FileTransfer objects (``done``/``error``).
+
+        With ``stop_on_failure`` (stage-in: one missing input dooms the job) the
+        remaining transfers are cancelled as soon as one file has failed for good.
+        """
+        if self.record is not None and self._recorded is None:
+            self._recorded = await self.context.in_thread(self.record.load)
+        semaphore = DeferredSemaphore(self.parallel)
+        pending: list[Deferred[None]] = []
+        self._stopping = False
+
+        def cancel_rest(_: object) -> None:
+            self._stopping = True
+            for d in pending:
+                if not d.called:
+                    d.cancel()
+
+        for transfer in transfers:
+            d: Deferred[None] = semaphore.run(self._transfer_deferred, transfer)
+            if stop_on_failure:
+                d.addCallback(self._stop_others_if_failed, transfer, cancel_rest)
+            pending.append(d)
+        await DeferredList(pending, consumeErrors=True)
+        for transfer in transfers:
+            if not transfer.done and transfer.error is None:
+                code = (
+                    ErrorCode.STAGEINFAILED
+                    if transfer.direction is Direction.IN
+                    else ErrorCode.STAGEOUTFAILED
+                )
+                transfer.error = TransferError(code, f"{transfer.lfn}: cancelled after another file failed")
+
+    def _transfer_deferred(self, transfer: FileTransfer) -> Deferred[None]:
+        if self._stopping:
+            return succeed(None)  # another file failed for good: this one is not started
+        return Deferred.fromCoroutine(self._transfer(transfer))
+
+    @staticmethod
+    def _stop_others_if_failed(_: None, transfer: FileTransfer, cancel_rest: Any) -> None:
+        if transfer.error is not None and not transfer.done:
+            cancel_rest(None)
+
+    # -- one file ------------------------------------------------------------------
+
+    async def _transfer(self, transfer: FileTransfer) -> None:
+        started = self.clock.seconds()
+        if await self._already_done(transfer):
+            return
+        errors: list[TransferError] = []
+        for attempt in transfer.attempts:
+            transfer.tries += 1
+            try:
+                result = await self._attempt(transfer, attempt)
+            except TransferError as error:
+                errors.append(error)
+                self.log.warn(
+                    "{lfn}: {direction} with {tool} from {endpoint} failed: {code} {detail}",
+                    lfn=transfer.lfn,
+                    direction="stage-in" if transfer.direction is Direction.IN else "stage-out",
+                    tool=attempt.tool,
+                    endpoint=attempt.endpoint or attempt.remote,
+                    code=error.code.name,
+                    detail=error.detail,
+                    event="transfer.attempt_failed",
+                )
+                await self._discard_partial(transfer)
+                if not error.retry_elsewhere:
+                    break
+                continue
+            transfer.done = True
+            transfer.used = attempt
+            transfer.remote_url = result.remote_url or attempt.remote
+            transfer.verified_remotely = result.verified_remotely
+            transfer.duration = self.clock.seconds() - started
+            transfer.error = None
+            self.log.info(
+                "{lfn}: {direction} done with {tool} ({endpoint}) in {seconds:.2f} s",
+                lfn=transfer.lfn,
+                direction="stage-in" if transfer.direction is Direction.IN else "stage-out",
+                tool=attempt.tool,
+                endpoint=attempt.endpoint,
+                seconds=transfer.duration,
+                size=transfer.size,
+                event="transfer.done",
+            )
+            await self._remember(transfer)
+            return
+        transfer.duration = self.clock.seconds() - started
+        transfer.error = self._final_error(transfer, errors)
+
+    def _final_error(self, transfer: FileTransfer, errors: list[TransferError]) -> TransferError:
+        stage_in = transfer.direction is Direction.IN
+        if not errors:
+            code = ErrorCode.STAGEINFAILED if stage_in else ErrorCode.STAGEOUTFAILED
+            return TransferError(code, f"{transfer.lfn}: no attempt could be made")
+        if stage_in and all(e.missing for e in errors):
+            places = {a.endpoint or a.remote for a in transfer.attempts}
+            code = ErrorCode.REPLICANOTFOUND if len(places) > 1 else ErrorCode.MISSINGINPUTFILE
+            return TransferError(
+                code, f"{transfer.lfn} not found at {', '.join(sorted(places))}", missing=True
+            )
+        # The most telling failure: a checksum or time-out beats "missing" elsewhere.
+        for error in errors:
+            if not error.missing:
+                return error
+        return errors[-1]
+
+    async def _attempt(self, transfer: FileTransfer, attempt: Attempt) -> CopyResult:
+        tool = self.registry.get(attempt.tool)
+        timeout = timeout_for(transfer.size, base=self.timeout_base, rate=self.timeout_rate)
+        started = self.clock.seconds()
+        progress = _Progress(transfer, attempt, started, self.clock)
+        request = CopyRequest(
+            direction=transfer.direction,
+            local=transfer.local,
+            remote=attempt.remote,
+            lfn=transfer.lfn,
+            scope=transfer.scope,
+            guid=transfer.guid,
+            size=transfer.size,
+            checksum=transfer.checksum,
+            endpoint=attempt.endpoint,
+            timeout=timeout,
+            settings=attempt.settings,
+            token=transfer.token,
+            dataset=transfer.dataset,
+            progress=progress.update,
+        )
+        method = tool.copy_in if transfer.direction is Direction.IN else tool.copy_out
+        running: Deferred[CopyResult] = maybeDeferred(method, request, self.context)
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            running.cancel()
+
+        timer = self.clock.callLater(timeout, expire)
+        reporter = LoopingCall(progress.report)
+        reporter.clock = self.clock
+        reporter.start(self.progress_interval, now=False)
+        try:
+            result = await running
+        except CancelledError:
+            if expired:
+                code = (
+                    ErrorCode.STAGEINTIMEOUT
+                    if transfer.direction is Direction.IN
+                    else ErrorCode.STAGEOUTTIMEOUT
+                )
+                raise TransferError(
+                    code, f"{transfer.lfn}: {attempt.tool} did not finish within {timeout:.0f} s"
+                ) from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
+            reporter.stop()
+        if transfer.direction is Direction.IN:
+            await self._verify_input(transfer, result)
+        elif result.remote_checksum is not None and transfer.checksum is not None:
+            if result.remote_checksum != transfer.checksum:
+                code = (
+                    ErrorCode.PUTADMISMATCH
+                    if transfer.checksum.algorithm == "adler32"
+                    else ErrorCode.PUTMD5MISMATCH
+                )
+                raise TransferError(
+                    code,
+                    f"{transfer.lfn}: remote {result.remote_checksum.value} != local {transfer.checksum.value}",
+                )
+        return result
+
+    async def _verify_input(self, transfer: FileTransfer, result: CopyResult) -> None:
+        expected = transfer.checksum
+        try:
+            size = os.stat(transfer.local).st_size
+        except OSError:
+            raise TransferError(
+                ErrorCode.STAGEINFAILED, f"{transfer.lfn}: the copy is not in the work directory"
+            ) from None
+        if transfer.size is not None and size != transfer.size:
+            raise TransferError(
+                ErrorCode.STAGEINFAILED, f"{transfer.lfn}: size {size} != expected {transfer.size}"
+            )
+        if expected is None:
+            return
+        actual: Checksum
+        if expected.algorithm == "adler32" and result.local_checksum is not None:
+            actual = result.local_checksum
+        else:
+            facts: FileFacts = await self.context.in_thread(
+                file_facts, transfer.local, md5=expected.algorithm == "md5"
+            )
+            value = facts.adler32 if expected.algorithm == "adler32" else (facts.md5 or "")
+            actual = Checksum(expected.algorithm, value)
+        if actual != expected:
+            code = ErrorCode.GETADMISMATCH if expected.algorithm == "adler32" else ErrorCode.GETMD5MISMATCH
+            raise TransferError(
+                code, f"{transfer.lfn}: {expected.algorithm} {actual.value} != expected {expected.value}"
+            )
+
+    async def _discard_partial(self, transfer: FileTransfer) -> None:
+        if transfer.direction is Direction.IN:
+            await self.context.in_thread(_unlink, transfer.local)
+
+    # -- the durable record ---------------------------------------------------------
+
+    async def _already_done(self, transfer: FileTransfer) -> bool:
+        entry = (self._recorded or {}).get((transfer.direction.value, transfer.lfn))
+        if entry is None:
+            return False
+        if transfer.direction is Direction.OUT:
+            if transfer.checksum is None or entry.adler32 != transfer.checksum.value:
+                return False
+        else:
+            if not await self.context.in_thread(_same_file, entry, transfer):
+                return False
+        transfer.done = True
+        transfer.from_record = True
+        transfer.remote_url = entry.remote
+        transfer.used = Attempt(entry.tool, entry.remote, entry.endpoint)
+        self.log.info(
+            "{lfn}: already {what} according to the transfer record",
+            lfn=transfer.lfn,
+            what="staged in" if transfer.direction is Direction.IN else "stored",
+            event="transfer.recorded",
+        )
+        return True
+
+    async def _remember(self, transfer: FileTransfer) -> None:
+        if self.record is None or transfer.used is None:
+            return
+        checksum = transfer.checksum
+        adler = checksum.value if checksum is not None and checksum.algorithm == "adler32" else None
+        entry = RecordEntry(
+            direction=transfer.direction.value,
+            lfn=transfer.lfn,
+            scope=transfer.scope,
+            size=transfer.size,
+            adler32=adler,
+            tool=transfer.used.tool,
+            remote=transfer.remote_url,
+            endpoint=transfer.used.endpoint,
+            local=str(transfer.local),
+            seconds=round(transfer.duration, 3),
+            time=self.clock.seconds(),
+        )
+        await self.record.append(entry)
+
+
+def _unlink(path: Any) -> None:
+    try:
+        if os.path.lexists(path):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _same_file(entry: RecordEntry, transfer: FileTransfer) -> bool:
+    """Whether a recorded input is still intact; copied into the new work directory if elsewhere."""
+    source = entry.local
+    if not os.path.isfile(source):
+        return False
+    facts = file_facts(type(transfer.local)(source))
+    if transfer.size is not None and facts.size != transfer.size:
+        return False
+    if (
+        transfer.checksum is not None
+        and transfer.checksum.algorithm == "adler32"
+        and facts.adler32 != transfer.checksum.value
+    ):
+        return False
+    if os.path.abspath(source) != os.path.abspath(transfer.local):
+        try:
+            os.link(source, transfer.local)
+        except OSError:
+            shutil.copyfile(source, transfer.local)
+    return True

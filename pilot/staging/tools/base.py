@@ -1,0 +1,118 @@
+"""What every copytool gets (``ToolContext``) and how process-based tools run commands."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+
+from pilot.errorcodes import ErrorCode
+from pilot.job.outputs import ThreadRunner
+from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
+from pilot.staging.credentials import Credentials
+from pilot.staging.errors import classify
+from pilot.staging.transfer import CopyRequest, TransferError
+
+
+@dataclass
+class ToolContext:
+    """Everything a copytool may use; built once per job by the staging engine."""
+
+    spawner: IReactorProcess
+    clock: IReactorTime
+    in_thread: ThreadRunner
+    env: Mapping[str, str]
+    logdir: Path
+    http: HTTPClient | None = None
+    credentials: Credentials = field(default_factory=lambda: Credentials({}))
+    control: ProcessControl = OS_PROCESS_CONTROL
+    setup: Mapping[str, Any] = field(default_factory=dict)
+    _serial: list[int] = field(default_factory=lambda: [0])
+
+    def next_log(self, tool: str, lfn: str) -> Path:
+        self._serial[0] += 1
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        return self.logdir / f"{self._serial[0]:04d}-{tool}-{lfn[:80]}.log"
+
+
+def find_executable(name: str, env: Mapping[str, str], code: ErrorCode) -> str:
+    """The absolute path of ``name`` on the tool environment's PATH, or a TransferError."""
+    found = shutil.which(name, path=env.get("PATH"))
+    if found is None:
+        raise TransferError(code, f"{name} is not installed (not on PATH)", retry_elsewhere=False)
+    return found
+
+
+@dataclass(frozen=True)
+class CommandOutput:
+    exit_code: int | None
+    signal: int | None
+    output: str
+
+
+async def run_command(
+    context: ToolContext,
+    argv: Sequence[str],
+    request: CopyRequest,
+    *,
+    tool: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> CommandOutput:
+    """Run a copytool command (argument vector, never a shell) and capture its output.
+
+    The command gets its own process group and a combined output file in the
+    staging log directory; cancelling the returned coroutine's Deferred (which the
+    engine does on a time-out) kills the whole group.
+    """
+    log = context.next_log(tool, request.lfn)
+    process = ManagedProcess(
+        context.spawner,
+        context.clock,
+        argv,
+        env=env if env is not None else context.env,
+        cwd=cwd or context.logdir,
+        stdout=log,
+        stderr=log,
+        kill_grace=5.0,
+        name=f"{tool} {request.lfn}",
+        control=context.control,
+    )
+    try:
+        process.start()
+    except ProcessStartError as exc:
+        raise TransferError(
+            ErrorCode.STAGEINFAILED if request.stage_in else ErrorCode.STAGEOUTFAILED, str(exc)
+        ) from None
+    try:
+        outcome = await process.wait()
+    except CancelledError:
+        await process.terminate("transfer cancelled")
+        raise
+    output = await context.in_thread(_read_tail, log)
+    return CommandOutput(outcome.exit_code, outcome.signal, output)
+
+
+def _read_tail(path: Path, limit: int = 16384) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            handle.seek(max(0, size - limit))
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def failed(output: CommandOutput, request: CopyRequest, tool: str) -> TransferError:
+    """The TransferError for a command that did not exit 0."""
+    what = f"exit {output.exit_code}" if output.signal is None else f"signal {output.signal}"
+    error = classify(output.output or f"{tool} failed ({what})", stage_in=request.stage_in)
+    error.detail = f"{tool} {what}: {error.detail}"
+    return error

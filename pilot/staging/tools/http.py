@@ -1,0 +1,73 @@
+"""Streaming file bodies for HTTP-based copytools (S3, GCS): progress and digests on the way."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import treq
+from twisted.internet.defer import Deferred
+from twisted.web.iweb import IResponse
+
+
+class CountingReader:
+    """A file wrapper for ``FileBodyProducer`` that reports bytes read."""
+
+    def __init__(self, handle: IO[bytes], progress: Callable[[int], None] | None) -> None:
+        self._handle = handle
+        self._progress = progress
+        self.sent = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._handle.read(size)
+        self.sent += len(chunk)
+        if self._progress is not None:
+            self._progress(self.sent)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class StreamToFile:
+    """Receives a response body into a file, counting bytes and computing adler32 and md5."""
+
+    def __init__(self, path: Path, progress: Callable[[int], None] | None) -> None:
+        self._handle = path.open("wb")
+        self._progress = progress
+        self.received = 0
+        self.adler = 1
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def write(self, data: bytes) -> None:
+        self._handle.write(data)
+        self.received += len(data)
+        self.adler = zlib.adler32(data, self.adler)
+        self.md5.update(data)
+        if self._progress is not None:
+            self._progress(self.received)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+async def download_body(
+    response: IResponse, path: Path, progress: Callable[[int], None] | None
+) -> StreamToFile:
+    """Write the body of ``response`` to ``path``; the file is closed whatever happens."""
+    sink = StreamToFile(path, progress)
+    try:
+        collected: Deferred[None] = treq.collect(response, sink.write)
+        await collected
+    finally:
+        sink.close()
+    return sink
