@@ -40,6 +40,14 @@ class IExperiment(Interface):
     def payload_environment(job: Job, workdir: Path, base: Mapping[str, str]) -> dict[str, str]:
         """The payload's environment, given the pilot's explicit ``base`` environment."""
 
+    def input_environment(job: Job, catalog: Path, turls: Mapping[str, str]) -> dict[str, str]:
+        """Variables telling the payload where its inputs are.
+
+        ``catalog`` is the ``PoolFileCatalog.xml`` listing every input (local path
+        or, for direct access, remote URL); ``turls`` maps the LFNs read remotely
+        to their URLs.
+        """
+
 
 class ICopyTool(Interface):
     """A way of moving files between the work directory and storage.

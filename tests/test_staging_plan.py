@@ -212,6 +212,7 @@ class StageOutPlanTests(SynchronousTestCase):
     def test_configured(self) -> None:
         self.assertTrue(stage_out_configured(queue(), StorageData.from_document(STORAGE)))
         self.assertFalse(stage_out_configured(QueueData.default("Q"), StorageData()))
+        self.assertFalse(stage_out_configured(queue(astorages={"read_lan": ["SITE_DISK"]}), StorageData()))
 
 
 class ErrorClassificationTests(SynchronousTestCase):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,3 +29,10 @@ class GenericExperiment:
 
     def payload_environment(self, job: Job, workdir: Path, base: Mapping[str, str]) -> dict[str, str]:
         return dict(base)
+
+    def input_environment(self, job: Job, catalog: Path, turls: Mapping[str, str]) -> dict[str, str]:
+        """``PILOT_FILE_CATALOG`` (the catalogue) and ``PILOT_INPUT_TURLS`` (JSON: LFN → URL)."""
+        env = {"PILOT_FILE_CATALOG": str(catalog)}
+        if turls:
+            env["PILOT_INPUT_TURLS"] = json.dumps(turls, sort_keys=True)
+        return env

@@ -10,6 +10,7 @@ expect.  The tarball is written next to the work directory, not inside it.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -38,13 +39,15 @@ async def create_log_tarball(
     panda_id: int,
     queue: str,
     control: ProcessControl = OS_PROCESS_CONTROL,
+    exclude: Sequence[str] = (),
 ) -> Path:
     """Create ``destination`` from ``workdir``; PilotError(LOGFILECREATIONFAILURE/LOGCREATIONTIMEOUT)."""
     workdir, destination = workdir.absolute(), destination.absolute()
     scan = await in_thread(scan_workdir, workdir)
     destination.parent.mkdir(parents=True, exist_ok=True)
     excludes = destination.parent / f".{destination.name}.exclude"
-    excludes.write_text("".join(f"{workdir.name}/{link}\n" for link in scan.external_links), encoding="utf-8")
+    skipped = [*scan.external_links, *exclude]
+    excludes.write_text("".join(f"{workdir.name}/{name}\n" for name in skipped), encoding="utf-8")
     root = _member_root(panda_id, queue)
     argv = [
         "tar",

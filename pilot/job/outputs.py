@@ -44,9 +44,16 @@ class ReportedFile:
     facts: FileFacts
     path: Path
     is_log: bool = False
+    surl: str = ""
+    endpoint: str = ""
 
     def report_entry(self) -> dict[str, Any]:
-        return {"guid": self.guid, "fsize": self.facts.size, "adler32": self.facts.adler32}
+        entry: dict[str, Any] = {"guid": self.guid, "fsize": self.facts.size, "adler32": self.facts.adler32}
+        if self.surl:
+            entry["surl"] = self.surl
+        if self.endpoint:
+            entry["endpoint"] = self.endpoint
+        return entry
 
 
 def job_output_report(files: Iterable[ReportedFile]) -> str:

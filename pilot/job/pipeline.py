@@ -37,6 +37,7 @@ from pilot.job.logtarball import create_log_tarball
 from pilot.job.model import Job, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
 from pilot.job.outputs import ReportedFile, ThreadRunner, describe_outputs, job_output_report
 from pilot.job.reporter import FinalUpdateLost, JobReporter, PilotIdentity
+from pilot.job.staging import JobStaging, StagingSetup
 from pilot.job.states import JobLifecycle, JobPhase, ServerState, final_server_state
 from pilot.job.transformation import download_sources, fetch_transformation
 from pilot.logs import pilot_observer
@@ -73,6 +74,7 @@ class JobEnvironment:
     deadline: Callable[[], float]
     on_softkill: Callable[[], None] = lambda: None
     process_control: ProcessControl = OS_PROCESS_CONTROL
+    staging: StagingSetup = field(default_factory=StagingSetup)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class JobSummary:
     ended_at: float = 0.0
     workdir: str = ""
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transfers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +141,7 @@ class JobRun:
         self._pending: list[Deferred[None]] = []
         self._reported: list[ReportedFile] = []
         self._transformation = ""
+        self._staging: JobStaging | None = None
 
     # -- control from outside ------------------------------------------------------
 
@@ -234,6 +238,16 @@ class JobRun:
     async def _setup(self, job: Job) -> None:
         state = self._advance(JobPhase.SETUP)
         self.workdir = self._make_workdir(job)
+        self._staging = JobStaging(
+            job,
+            self.workdir,
+            self.env.staging,
+            self.env.queuedata,
+            spawner=self.env.spawner,
+            clock=self.env.clock,
+            in_thread=self.env.in_thread,
+            control=self.env.process_control,
+        )
         if state is not None:
             await self._send(state)
         self._heartbeat = Heartbeat(
@@ -267,6 +281,8 @@ class JobRun:
 
     async def _stage_in(self, job: Job) -> None:
         self._advance(JobPhase.STAGEIN)
+        assert self._staging is not None
+        await self._guard(self._staging.stage_in())
 
     async def _execute(self, job: Job) -> None:
         assert self.workdir is not None
@@ -277,6 +293,9 @@ class JobRun:
         command = experiment.payload_command(job, self._transformation, workdir)
         base_env = payload_environment(job, workdir, self.env.pilot_environ, self.env.queuedata.environ)
         environ = experiment.payload_environment(job, workdir, base_env)
+        staging = self._staging
+        if staging is not None and staging.catalog is not None:
+            environ.update(experiment.input_environment(job, staging.catalog, staging.turls))
         process = ManagedProcess(
             self.env.spawner,
             self.env.clock,
@@ -328,7 +347,9 @@ class JobRun:
     async def _stage_out(self, job: Job) -> None:
         assert self.workdir is not None
         self._advance(JobPhase.STAGEOUT)
-        self._reported = await self._guard(describe_outputs(job, self.workdir, self.env.in_thread))
+        assert self._staging is not None
+        described = await self._guard(describe_outputs(job, self.workdir, self.env.in_thread))
+        self._reported = await self._guard(self._staging.stage_out(described))
 
     async def _make_log_tarball(self, job: Job) -> ReportedFile | None:
         """Create and describe the log tarball; a failure is recorded, not raised."""
@@ -344,12 +365,16 @@ class JobRun:
                 panda_id=job.panda_id,
                 queue=self.env.queuedata.name,
                 control=self.env.process_control,
+                exclude=self._staging.staged_in if self._staging is not None else (),
             )
             facts = await self.env.in_thread(file_facts, path)
+            entry = ReportedFile(job.log.lfn, job.log.guid, facts, path, is_log=True)
+            if self._staging is not None:
+                (entry,) = await self._staging.stage_out([entry])
         except PilotError as exc:
             self.errors.record_exception(exc)
             return None
-        return ReportedFile(job.log.lfn, job.log.guid, facts, path, is_log=True)
+        return entry
 
     async def _finish(self, job: Job) -> JobSummary:
         assert self._lifecycle is not None and self._reporter is not None
@@ -389,6 +414,8 @@ class JobRun:
             )
         )
         metrics = f"coreCount={job.core_count}"
+        if self._staging is not None and self._staging.metrics.job_metrics():
+            metrics += " " + self._staging.metrics.job_metrics()
         return JobUpdate(
             job_id=job.panda_id,
             state=state.value,
@@ -526,9 +553,9 @@ class JobRun:
             "stageout": round(life.duration(JobPhase.STAGEOUT, life.phase), 3),
             "total": round(self.summary.ended_at - self.summary.received_at, 3),
         }
-        self.summary.outputs = {
-            f.lfn: {"guid": f.guid, "fsize": f.facts.size, "adler32": f.facts.adler32} for f in self._reported
-        }
+        self.summary.outputs = {f.lfn: f.report_entry() for f in self._reported}
+        if self._staging is not None:
+            self.summary.transfers = self._staging.metrics.transfers
         self.log.info(
             "job {pandaid}: {state} (exit {exit_code}, pilot error {code}) in {total:.2f} s",
             pandaid=job.panda_id,

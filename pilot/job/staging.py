@@ -1,0 +1,220 @@
+"""A job's data movement: its inputs before the payload, its outputs and log after.
+
+``JobStaging`` joins the job, the queue's configuration and the staging engine:
+it checks that the inputs fit (``maxinputsize``, free disk), stages them in (or
+writes their TURLs into ``PoolFileCatalog.xml`` for direct access), and stages
+outputs and the log tarball out, giving each file of the job output report its
+destination (``surl``, ``endpoint``).  Without a stage-out configuration (no
+``astorages`` — a development queue) outputs are reported as produced locally.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from treq.client import HTTPClient
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.logger import Logger
+
+from pilot.errorcodes import ErrorCode
+from pilot.errors import PilotError
+from pilot.job.model import Checksum, Job, OutputFile
+from pilot.job.outputs import ReportedFile, ThreadRunner
+from pilot.logs import pilot_observer
+from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
+from pilot.queuedata import QueueData
+from pilot.staging.catalog import write_catalog
+from pilot.staging.credentials import Credentials
+from pilot.staging.engine import StagingEngine
+from pilot.staging.plan import FileTransfer, plan_stage_in, plan_stage_out, stage_out_configured
+from pilot.staging.record import TransferRecord
+from pilot.staging.registry import CopytoolRegistry
+from pilot.staging.storage import StorageData
+from pilot.staging.tools.base import ToolContext
+
+_MB = 1024 * 1024
+
+
+def _endpoint(transfer: FileTransfer) -> str:
+    return transfer.used.endpoint if transfer.used is not None else ""
+
+
+@dataclass(frozen=True)
+class StagingSetup:
+    """What the pilot provides for staging (built once, in ``pilot.tap``)."""
+
+    registry: CopytoolRegistry = field(default_factory=CopytoolRegistry)
+    storage: StorageData = field(default_factory=StorageData)
+    http: HTTPClient | None = None
+    credentials: Credentials = field(default_factory=lambda: Credentials({}))
+    tool_env: Mapping[str, str] = field(default_factory=dict)
+    parallel: int = 4
+    progress_interval: float = 60.0
+    records_dir: Path | None = None
+
+
+@dataclass
+class StagingMetrics:
+    files_in: int = 0
+    bytes_in: int = 0
+    seconds_in: float = 0.0
+    files_out: int = 0
+    bytes_out: int = 0
+    seconds_out: float = 0.0
+    direct: int = 0
+    transfers: list[dict[str, object]] = field(default_factory=list)
+
+    def job_metrics(self) -> str:
+        """``key=value`` pairs for the update's ``jobMetrics``."""
+        parts = []
+        if self.files_in or self.direct:
+            parts += [
+                f"nInputs={self.files_in}",
+                f"stageinBytes={self.bytes_in}",
+                f"stageinTime={self.seconds_in:.1f}",
+            ]
+        if self.direct:
+            parts.append(f"directAccessFiles={self.direct}")
+        if self.files_out:
+            parts += [
+                f"nOutputs={self.files_out}",
+                f"stageoutBytes={self.bytes_out}",
+                f"stageoutTime={self.seconds_out:.1f}",
+            ]
+        return " ".join(parts)
+
+
+class JobStaging:
+    log = Logger(observer=pilot_observer)
+
+    def __init__(
+        self,
+        job: Job,
+        workdir: Path,
+        setup: StagingSetup,
+        queuedata: QueueData,
+        *,
+        spawner: IReactorProcess,
+        clock: IReactorTime,
+        in_thread: ThreadRunner,
+        control: ProcessControl = OS_PROCESS_CONTROL,
+    ) -> None:
+        self.job = job
+        self.workdir = workdir
+        self.setup = setup
+        self.queuedata = queuedata
+        self.metrics = StagingMetrics()
+        self.staged_in: list[str] = []
+        self.catalog: Path | None = None
+        self.turls: dict[str, str] = {}
+        context = ToolContext(
+            spawner=spawner,
+            clock=clock,
+            in_thread=in_thread,
+            env=setup.tool_env,
+            logdir=workdir / "pilot_transfer_logs",
+            http=setup.http,
+            credentials=setup.credentials,
+            control=control,
+            setup={
+                "trace": {"pq": queuedata.name, "taskid": str(job.task_id or ""), "localSite": queuedata.site}
+            },
+        )
+        record = (
+            TransferRecord.for_job(setup.records_dir, job.panda_id, job.attempt_nr, in_thread)
+            if setup.records_dir is not None
+            else None
+        )
+        self.engine = StagingEngine(
+            setup.registry,
+            context,
+            parallel=setup.parallel,
+            progress_interval=setup.progress_interval,
+            record=record,
+        )
+        self._in_thread = in_thread
+
+    # -- stage-in ------------------------------------------------------------------
+
+    async def stage_in(self) -> None:
+        if not self.job.inputs:
+            return
+        plan = plan_stage_in(self.job, self.workdir, self.queuedata, self.setup.storage, self.setup.registry)
+        await self._check_space(plan.transfers)
+        await self.engine.run(plan.transfers, stop_on_failure=True)
+        self._account(plan.transfers, inbound=True)
+        failure = next((t.error for t in plan.transfers if t.error is not None), None)
+        if failure is not None:
+            raise failure
+        self.staged_in = [t.lfn for t in plan.transfers]
+        self.metrics.direct = len(plan.direct)
+        self.turls = {d.lfn: d.turl for d in plan.direct}
+        copied = [(t.guid, t.lfn) for t in plan.transfers]
+        self.catalog = await self._in_thread(write_catalog, self.workdir, plan.direct, copied)
+
+    async def _check_space(self, transfers: Sequence[FileTransfer]) -> None:
+        total = sum(t.size or 0 for t in transfers)
+        limit_mb = self.queuedata.maxinputsize
+        if limit_mb > 0 and total > limit_mb * _MB:
+            raise PilotError(
+                ErrorCode.SIZETOOLARGE, f"inputs need {total // _MB} MB, the queue allows {limit_mb} MB"
+            )
+        free = (await self._in_thread(shutil.disk_usage, self.workdir)).free
+        if total > free:
+            raise PilotError(ErrorCode.NOLOCALSPACE, f"inputs need {total // _MB} MB, {free // _MB} MB free")
+
+    # -- stage-out -----------------------------------------------------------------
+
+    @property
+    def stage_out_configured(self) -> bool:
+        return stage_out_configured(self.queuedata, self.setup.storage)
+
+    async def stage_out(self, files: Sequence[ReportedFile]) -> list[ReportedFile]:
+        """Store ``files`` (outputs and/or the log); returns them with their destinations."""
+        if not files or not self.stage_out_configured:
+            return list(files)
+        specs = self._specs()
+        items = [(specs[f.lfn], f.path, Checksum("adler32", f.facts.adler32), f.facts.size) for f in files]
+        transfers = plan_stage_out(self.job, items, self.queuedata, self.setup.storage, self.setup.registry)
+        await self.engine.run(transfers)
+        self._account(transfers, inbound=False)
+        failure = next((t.error for t in transfers if t.error is not None), None)
+        if failure is not None:
+            raise failure
+        by_lfn = {t.lfn: t for t in transfers}
+        return [replace(f, surl=by_lfn[f.lfn].remote_url, endpoint=_endpoint(by_lfn[f.lfn])) for f in files]
+
+    def _specs(self) -> dict[str, OutputFile]:
+        specs = {o.lfn: o for o in self.job.outputs}
+        if self.job.log is not None:
+            specs[self.job.log.lfn] = self.job.log
+        return specs
+
+    def _account(self, transfers: Sequence[FileTransfer], *, inbound: bool) -> None:
+        for t in transfers:
+            self.metrics.transfers.append(
+                {
+                    "lfn": t.lfn,
+                    "direction": t.direction.value,
+                    "tool": t.used.tool if t.used else None,
+                    "endpoint": t.used.endpoint if t.used else None,
+                    "size": t.size,
+                    "seconds": round(t.duration, 3),
+                    "tries": t.tries,
+                    "outcome": "done" if t.done else (t.error.code.name if t.error else "not run"),
+                    "from_record": t.from_record,
+                }
+            )
+            if not t.done:
+                continue
+            if inbound:
+                self.metrics.files_in += 1
+                self.metrics.bytes_in += t.size or 0
+                self.metrics.seconds_in += t.duration
+            else:
+                self.metrics.files_out += 1
+                self.metrics.bytes_out += t.size or 0
+                self.metrics.seconds_out += t.duration
