@@ -14,6 +14,7 @@ from enum import Enum
 from pathlib import Path
 
 from pilot.queuedata import QueueData
+from pilot.staging.storage import StorageData
 
 
 class ApiMode(Enum):
@@ -58,6 +59,10 @@ class PilotConfig:
     credentials: Credentials = field(default_factory=Credentials)
     queuedata_source: str | None = None
     queuedata: QueueData | None = None
+    storagedata_source: str | None = None
+    storagedata: StorageData | None = None
+    transfer_parallelism: int = 4
+    transfer_progress: float = 60.0
     baseurls: tuple[str, ...] = ()
     debug: bool = False
     heartbeat_period: float = 1800.0

@@ -29,6 +29,7 @@ from pilot import __version__
 from pilot.config import ApiMode, Credentials, KeepWorkdirs, PilotConfig
 from pilot.errors import ExitCode, PilotError, exit_code_for
 from pilot.queuedata import QueueData, is_url, load_queuedata_file
+from pilot.staging.storage import StorageData
 
 DEFAULT_URL = "https://pandaserver.cern.ch"
 DEFAULT_PORT = 25443
@@ -160,6 +161,27 @@ _SETTINGS: tuple[_Setting, ...] = (
         None,
         "Queue configuration (CRIC JSON): a file or an https URL.",
         _text("queuedata"),
+    ),
+    _Setting(
+        "storagedata",
+        None,
+        None,
+        "Storage endpoints (CRIC ddmendpoints JSON): a file or an https URL.",
+        _text("storagedata"),
+    ),
+    _Setting(
+        "transfer-parallelism",
+        None,
+        4,
+        "Files moved at the same time during stage-in/out.",
+        _nonnegative_int("transfer-parallelism"),
+    ),
+    _Setting(
+        "transfer-progress",
+        None,
+        60.0,
+        "Seconds between progress lines of a long transfer.",
+        _positive_float("transfer-progress"),
     ),
     _Setting(
         "baseurls", "g", "", "Comma-separated base URLs to download transformations from.", _text("baseurls")
@@ -416,6 +438,14 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         except PilotError as exc:
             raise ConfigError(f"--queuedata: {exc.detail}", exit_code_for(exc.code)) from None
 
+    storage: StorageData | None = None
+    storage_source = values.get("storagedata")
+    if storage_source and not is_url(storage_source):
+        try:
+            storage = StorageData.from_file(Path(storage_source))
+        except PilotError as exc:
+            raise ConfigError(f"--storagedata: {exc.detail}", exit_code_for(exc.code)) from None
+
     workdir = Path(values["workdir"]).absolute() if values.get("workdir") else Path.cwd()
     log_file = Path(values["log-file"]) if values.get("log-file") else None
     summary = Path(values["summary-file"]) if values.get("summary-file") else None
@@ -434,6 +464,10 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         credentials=resolve_credentials(values, environ),
         queuedata_source=source,
         queuedata=queuedata,
+        storagedata_source=storage_source,
+        storagedata=storage,
+        transfer_parallelism=max(1, values["transfer-parallelism"]),
+        transfer_progress=values["transfer-progress"],
         baseurls=tuple(u.strip().rstrip("/") for u in values["baseurls"].split(",") if u.strip()),
         debug=values["debug"],
         heartbeat_period=values["heartbeat"],

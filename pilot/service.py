@@ -25,6 +25,7 @@ import resource
 import shutil
 import signal
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,10 +44,12 @@ from pilot.interfaces import IExperiment
 from pilot.job.outputs import ThreadRunner
 from pilot.job.pipeline import JobEnvironment, JobRun, JobSummary
 from pilot.job.reporter import PilotIdentity
+from pilot.job.staging import StagingSetup
 from pilot.logs import JsonLogFile, pilot_observer
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
 from pilot.server.client import JobRequest, PandaClient, ServerError, ServerRefused, StatusCode
+from pilot.staging.storage import StorageData
 
 T = TypeVar("T")
 
@@ -91,6 +94,7 @@ class PilotService(Service):
         close_connections: Callable[[], Deferred[None] | None] = lambda: None,
         jitter: Callable[[], float] = random.random,
         process_control: ProcessControl = OS_PROCESS_CONTROL,
+        staging: StagingSetup | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -103,6 +107,9 @@ class PilotService(Service):
         self._close_connections = close_connections
         self._jitter = jitter
         self._process_control = process_control
+        self.staging = staging or StagingSetup(
+            storage=config.storagedata or StorageData(), records_dir=config.workdir
+        )
         self.exit_code: ExitCode | None = None
         self.summaries: list[JobSummary] = []
         self.pilot_dir: Path | None = None
@@ -248,6 +255,16 @@ class PilotService(Service):
                     ErrorCode.QUEUEDATA, f"cannot download queuedata from {source}: {exc}"
                 ) from None
             self.queuedata = parse_queuedata(data, self.config.queue)
+        storage_source = self.config.storagedata_source
+        if storage_source and self.config.storagedata is None:
+            try:
+                data = await self._client.get_bytes(storage_source)
+            except ServerError as exc:
+                raise PilotError(
+                    ErrorCode.QUEUEDATA,
+                    f"cannot download the storage description from {storage_source}: {exc}",
+                ) from None
+            self.staging = replace(self.staging, storage=StorageData.from_bytes(data))
         problem = self.queuedata.state_error()
         if problem is not None:
             raise problem
@@ -439,6 +456,7 @@ class PilotService(Service):
             deadline=self._deadline,
             on_softkill=self.softkill,
             process_control=self._process_control,
+            staging=self.staging,
         )
         run = JobRun(env, definition, getjob_seconds=getjob_seconds)
         self._current = run

@@ -19,16 +19,21 @@ from typing import Any, NoReturn
 from treq.client import HTTPClient
 from twisted.application.service import IService
 from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from pilot.errors import ExitCode
 from pilot.experiments import UnknownExperiment, find_experiment
+from pilot.job.staging import StagingSetup
 from pilot.logs import set_debug
 from pilot.options import PilotOptions
+from pilot.process.environment import copytool_environment
 from pilot.server.client import PandaClient, TokenAuth
 from pilot.server.tls import CredentialError, PilotTLSPolicy
 from pilot.service import HANDLED_SIGNALS, PilotService
+from pilot.staging.credentials import Credentials as StagingCredentials
+from pilot.staging.storage import StorageData
 
 Options = PilotOptions
 
@@ -82,6 +87,19 @@ def makeService(options: PilotOptions) -> IService:
     pool.retryAutomatically = False
     agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=30)  # type: ignore[no-untyped-call]
     client = PandaClient(HTTPClient(agent), config.server_url, reactor, api=config.api, token=token)
+    storage_policy = PilotTLSPolicy(credentials, present_proxy=False, with_system_cas=True)
+    storage_pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+    storage_agent = Agent(reactor, contextFactory=storage_policy, pool=storage_pool, connectTimeout=30)  # type: ignore[no-untyped-call]
+    environ = dict(os.environ)
+    staging = StagingSetup(
+        storage=config.storagedata or StorageData(),
+        http=HTTPClient(storage_agent),
+        credentials=StagingCredentials(environ),
+        tool_env=copytool_environment(environ),
+        parallel=config.transfer_parallelism,
+        progress_interval=config.transfer_progress,
+        records_dir=config.workdir,
+    )
     service = PilotService(
         config,
         clock=reactor,
@@ -89,13 +107,19 @@ def makeService(options: PilotOptions) -> IService:
         client=client,
         experiment=experiment,
         in_thread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
-        environ=dict(os.environ),
+        environ=environ,
         stop_reactor=lambda: reactor.callLater(0, _stop_if_running),
-        close_connections=pool.closeCachedConnections,
+        close_connections=lambda: _close_pools(pool, storage_pool),
+        staging=staging,
     )
     reactor.callWhenRunning(_install_signal_handlers, service)
     atexit.register(_exit_with_code, service)
     return service
+
+
+def _close_pools(*pools: HTTPConnectionPool) -> Deferred[None]:
+    closing = [p.closeCachedConnections() for p in pools]  # type: ignore[no-untyped-call]
+    return gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 
 
 def _stop_if_running() -> None:

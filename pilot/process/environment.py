@@ -86,6 +86,43 @@ def is_denied(name: str) -> bool:
     return _matches(upper, tuple(p.upper() for p in DENIED))
 
 
+#: What copytool processes (xrdcp, gfal-copy, rucio, lsm-*) get from the pilot's
+#: environment.  Unlike payloads they act for the pilot, so the proxy and the
+#: grid settings are passed; object-store keys are not (S3/GCS run in-process).
+COPYTOOL_ALLOWED: tuple[str, ...] = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_*",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "X509_USER_PROXY",
+    "X509_CERT_DIR",
+    "X509_VOMS_DIR",
+    "XRD_*",
+    "GFAL_*",
+    "DAVIX_*",
+    "RUCIO_*",
+    "BEARER_TOKEN_FILE",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+)
+
+
+def copytool_environment(pilot_environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment for copytool processes (see ``COPYTOOL_ALLOWED``)."""
+    env = {name: value for name, value in pilot_environ.items() if _matches(name, COPYTOOL_ALLOWED)}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.setdefault("LC_ALL", "C")
+    return env
+
+
 def payload_environment(
     job: Job,
     workdir: Path,

@@ -71,6 +71,17 @@ def load_ca_certificates(cacert: Path | None, capath: Path | None) -> list[ssl.C
     return certificates
 
 
+_SYSTEM_BUNDLES = (
+    Path("/etc/ssl/certs/ca-certificates.crt"),
+    Path("/etc/pki/tls/certs/ca-bundle.crt"),
+    Path("/etc/ssl/cert.pem"),
+)
+
+
+def _system_bundle() -> Path | None:
+    return next((p for p in _SYSTEM_BUNDLES if p.is_file()), None)
+
+
 @dataclass(frozen=True)
 class ClientIdentity:
     """A client certificate with its key and the chain that completes it."""
@@ -119,8 +130,12 @@ class PilotTLSPolicy:
         *,
         present_proxy: bool = True,
         stat: Callable[[Path], float] = lambda p: p.stat().st_mtime,
+        with_system_cas: bool = False,
     ) -> None:
         cas = load_ca_certificates(credentials.cacert, credentials.capath)
+        bundle = _system_bundle()
+        if with_system_cas and cas and bundle is not None:
+            cas += load_ca_certificates(bundle, None)  # explicit grid CAs plus the public ones
         self._trust = ssl.trustRootFromCertificates(cas) if cas else ssl.platformTrust()
         self._proxy = credentials.proxy if present_proxy else None
         self._stat = stat
