@@ -232,6 +232,7 @@ class TwistdPilotTests(TestCase):
             workdir=workdir,
             log_path=scratch / "pilot.log",
         )
+        self.addCleanup(lambda: pilot.kill() if pilot.running else None)
         await _until(lambda: _state(server, panda_id), "running")
         await _until_file(pids, lines=2)
         assert pilot.pid is not None
