@@ -486,6 +486,23 @@ class FinalUpdateTests(SynchronousTestCase):
         self.assertLessEqual(h.clock.seconds(), T0 + 2000)
         self.assertEqual(h.service.summaries[0].final_update, "lost")
 
+    def test_signal_during_final_update_retries_shortens_the_wait(self) -> None:
+        """A pilot stuck retrying its final update against a dead server obeys SIGTERM."""
+        h = ServiceHarness(self, shutdown_grace=60.0, kill_grace=10.0)
+        h.server.jobs.append(job(704))
+        h.start()
+        h.server.scripted += [Scripted(503, b"down", "text/plain")] * 10_000
+        h.finish_payload(0)
+        h.clock.advance(3600)
+        self.assertFalse(h.done, "retrying until the lifetime ends")
+        signalled = h.clock.seconds()
+        h.service.handle_signal(signal.SIGTERM)
+        while not h.done:
+            h.clock.advance(min(d.getTime() for d in h.clock.getDelayedCalls()) - h.clock.seconds())
+        self.assertLessEqual(h.clock.seconds(), signalled + 70)
+        self.assertEqual(h.service.summaries[0].final_update, "lost")
+        self.assertEqual(h.service.exit_code, ExitCode.SIGTERM)
+
     def test_final_update_with_a_dead_server_is_bounded_on_signal(self) -> None:
         h = ServiceHarness(self, shutdown_grace=60.0, kill_grace=10.0)
         h.server.jobs.append(job(703))

@@ -159,6 +159,8 @@ class JobRun:
             self._final_deadline = (
                 final_deadline if self._final_deadline is None else min(self._final_deadline, final_deadline)
             )
+            if self._reporter is not None:
+                self._reporter.hurry()
         if self._lifecycle is not None and self._lifecycle.is_terminal:
             return
         first_abort = not self._aborted
@@ -180,6 +182,10 @@ class JobRun:
                 self._process.terminate(code.name)
         elif self._step is not None:
             self._step.cancel()
+
+    def _deadline(self) -> float:
+        """When the final update must have been delivered (moves closer on a signal)."""
+        return self._final_deadline if self._final_deadline is not None else self.env.deadline()
 
     @property
     def panda_id(self) -> int | None:
@@ -436,9 +442,8 @@ class JobRun:
 
     async def _send_final(self, job: Job, state: ServerState) -> None:
         assert self._reporter is not None
-        deadline = self._final_deadline if self._final_deadline is not None else self.env.deadline()
         try:
-            result = await self._reporter.send_final(state, self._final_fields(job, state), deadline)
+            result = await self._reporter.send_final(state, self._final_fields(job, state), self._deadline)
         except FinalUpdateLost as exc:
             self.summary.final_update = "lost"
             self.log.critical("{error}", error=str(exc), event="job.final_update_lost", pandaid=job.panda_id)
@@ -478,9 +483,8 @@ class JobRun:
             pilot_error_diag=first.diag,
             end_time=_utc(self.env.clock.seconds()),
         )
-        deadline = self._final_deadline if self._final_deadline is not None else self.env.deadline()
         try:
-            await reporter.send_final(ServerState.FAILED, fields, deadline)
+            await reporter.send_final(ServerState.FAILED, fields, self._deadline)
             self.summary.final_update = "delivered"
         except FinalUpdateLost as exc:
             self.summary.final_update = "lost"

@@ -13,9 +13,11 @@ shutdown grace) passes: it is never silently dropped.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -23,6 +25,8 @@ from twisted.logger import Logger
 from pilot.job.states import ServerState
 from pilot.logs import pilot_observer
 from pilot.server.client import JobUpdate, PandaClient, RetryPolicy, ServerError, StatusCode, UpdateResult
+
+T = TypeVar("T")
 
 #: Statuses for which repeating the same final update cannot help.
 _HOPELESS = frozenset({StatusCode.INVALID, StatusCode.ROLE, StatusCode.PERMISSION})
@@ -67,6 +71,7 @@ class JobReporter:
         self._identity = identity
         self._final_retry = final_retry
         self._lock = DeferredLock()
+        self._waiting: Deferred[Any] | None = None
         self.sent: list[str] = []
 
     @property
@@ -107,23 +112,45 @@ class JobReporter:
             self._note(state, result)
             return result
 
-    async def send_final(self, state: ServerState, fields: JobUpdate, deadline: float) -> UpdateResult:
-        """The final update, retried until accepted; FinalUpdateLost past ``deadline``."""
+    def hurry(self) -> None:
+        """The deadline just moved closer (a signal): stop waiting and look at it again."""
+        waiting = self._waiting
+        if waiting is not None and not waiting.called:
+            waiting.cancel()
+
+    async def _interruptible(self, waiting: Deferred[T]) -> T:
+        self._waiting = waiting
+        try:
+            return await waiting
+        finally:
+            self._waiting = None
+
+    async def send_final(
+        self, state: ServerState, fields: JobUpdate, deadline: Callable[[], float]
+    ) -> UpdateResult:
+        """The final update, retried until accepted; FinalUpdateLost once ``deadline()`` has passed.
+
+        ``deadline`` is asked again before every attempt, so a signal that shortens
+        it takes effect at once (``hurry`` interrupts the wait in progress).
+        """
         update = self._update(state, fields)
         failures = 0
         async with self._lock:
             while True:
-                remaining = deadline - self._clock.seconds()
+                remaining = deadline() - self._clock.seconds()
                 if remaining <= 0:
                     raise FinalUpdateLost(
                         f"job {self._panda_id}: final update not accepted before the deadline"
                     )
                 try:
-                    result = await self._client.update_job(
+                    call = self._client.update_job(
                         update,
                         retry=RetryPolicy(attempts=1),
                         timeout=min(self._client.timeout, max(remaining, 1.0)),
                     )
+                    result = await self._interruptible(Deferred.fromCoroutine(call))
+                except CancelledError:
+                    continue
                 except ServerError as exc:
                     reason = str(exc)
                 else:
@@ -137,7 +164,7 @@ class JobReporter:
                         )
                     reason = f"StatusCode {int(result.status)} {result.message}".strip()
                 failures += 1
-                delay = min(self._final_retry.delay(failures), max(0.0, deadline - self._clock.seconds()))
+                delay = min(self._final_retry.delay(failures), max(0.0, deadline() - self._clock.seconds()))
                 self.log.warn(
                     "job {pandaid}: final update not accepted ({reason}); retrying in {delay:.0f} s",
                     pandaid=self._panda_id,
@@ -145,7 +172,10 @@ class JobReporter:
                     delay=delay,
                     event="job.final_update_retry",
                 )
-                await deferLater(self._clock, delay, lambda: None)
+                try:
+                    await self._interruptible(deferLater(self._clock, delay, lambda: None))
+                except CancelledError:
+                    continue
 
     def _note(self, state: ServerState, result: UpdateResult) -> None:
         self.sent.append(state.value)
