@@ -12,29 +12,25 @@ import json
 import os
 import signal
 import zlib
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psutil
-from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from pilot.config import ApiMode, Credentials, PilotConfig
+from pilot.config import ApiMode, Credentials
 from pilot.devserver.server import DevServer, start_dev_server
 from pilot.errorcodes import ErrorCode
 from pilot.errors import ExitCode
-from pilot.experiments.generic import GenericExperiment
 from pilot.localrun import child_environment, pilot_arguments, start_pilot_process, twistd_argv
-from pilot.server.client import PandaClient, RetryPolicy, ServerUnavailable
-from pilot.server.tls import PilotTLSPolicy
+from pilot.server.client import ServerUnavailable
 from pilot.service import PilotService
+
+from .harness import pilot_service
 
 QUEUE = "IT_QUEUE"
 reactor: Any = _reactor
@@ -68,39 +64,7 @@ class PilotAgainstDevServerTests(TestCase):
         return server
 
     def _pilot(self, server: DevServer, credentials: Credentials, **settings: Any) -> PilotService:
-        policy = PilotTLSPolicy(credentials)
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.cachedConnectionTimeout = 4
-        agent = Agent(reactor, contextFactory=policy, pool=pool)
-        api = settings.pop("api", ApiMode.AUTO)
-        client = PandaClient(
-            HTTPClient(agent), server.url, reactor, api=api, retry=RetryPolicy(attempts=2, initial=0.1)
-        )
-        base = Path(self.mktemp())
-        config = PilotConfig(
-            queue=QUEUE,
-            server_url=server.url,
-            workdir=base,
-            queuedata_source=f"{server.url}/cache/schedconfig/{QUEUE}.all.json",
-            log_file=base / "pilotlog.json",
-            summary_file=base / "summary.json",
-            job_label="managed",
-            nojob_backoff=0.1,
-            nojob_backoff_max=0.2,
-            node="it-node",
-            credentials=credentials,
-            **settings,
-        )
-        return PilotService(
-            config,
-            clock=reactor,
-            spawner=reactor,
-            client=client,
-            experiment=GenericExperiment(),
-            in_thread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
-            environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            close_connections=pool.closeCachedConnections,
-        )
+        return pilot_service(server, QUEUE, Path(self.mktemp()), credentials=credentials, **settings)
 
     async def _run_pilot(self, service: PilotService) -> ExitCode:
         service.startService()

@@ -48,7 +48,8 @@ class Protocol:
 
     def url(self, relative: str) -> str:
         """The full URL of ``relative`` (no leading slash) under this protocol."""
-        endpoint = self.endpoint.rstrip("/")
+        scheme, sep, rest = self.endpoint.partition("://")
+        endpoint = f"{scheme}{sep}{rest.rstrip('/')}" if sep else self.endpoint.rstrip("/")
         prefix = "/" + self.path.strip("/") if self.path.strip("/") else ""
         if self.scheme == "root":
             # XRootD URLs carry the absolute path after a double slash.
