@@ -37,7 +37,7 @@ def adler(data: bytes) -> str:
 class StagingEndToEndTests(TestCase):
     timeout = 120
 
-    async def setUp(self) -> None:
+    async def setUp(self) -> None:  # type: ignore[override]  # trial awaits it
         self.base = Path(self.mktemp()).absolute()
         self.storage_dirs = {name: self.base / name for name in ("SITE_A", "SITE_B")}
         for directory in self.storage_dirs.values():
