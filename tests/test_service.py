@@ -332,11 +332,13 @@ class MultiJobTests(SynchronousTestCase):
             job(402, attemptNr="abc"),
             job(403, inFiles="a.root,b.root", GUID="g1,g2,g3", scopeIn="s,s"),
             job(404, outFiles="../../etc/passwd,log.404.tgz"),
+            job(406, inFiles="../../etc/passwd", scopeIn="s"),
             job(405),
         ]
         h.start()
-        self.assertEqual(len(h.server.acquires()), 5)
+        self.assertEqual(len(h.server.acquires()), 6)
         self.assertEqual(h.server.states(402), ["failed"])
+        self.assertEqual(h.server.updates(406)[0]["pilot_error_code"], ErrorCode.STAGEINFAILED)
         bad_attempt = h.server.updates(402)[0]
         self.assertEqual(bad_attempt["pilot_error_code"], ErrorCode.CONVERSIONFAILURE)
         self.assertIn("attemptNr", bad_attempt["pilot_error_diag"])
@@ -350,7 +352,8 @@ class MultiJobTests(SynchronousTestCase):
         h.finish_payload(0)
         self.assertEqual(h.server.states(405), ["starting", "running", "finished"])
         self.assertEqual(
-            [s.state for s in h.service.summaries], ["rejected", "failed", "failed", "failed", "finished"]
+            [s.state for s in h.service.summaries],
+            ["rejected", "failed", "failed", "failed", "failed", "finished"],
         )
 
 

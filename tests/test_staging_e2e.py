@@ -9,6 +9,7 @@ XRootD, gfal2, S3, GCS and Rucio servers is in ``test_copytools.py``.
 from __future__ import annotations
 
 import json
+import tarfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,12 @@ class StagingEndToEndTests(TestCase):
         self.assertEqual(report["job.log.tgz"]["endpoint"], "SITE_B", "logs go to the pl endpoint")
         log_copy = self.storage_dirs["SITE_B"] / rucio_path("mc.log", "job.log.tgz")
         self.assertEqual(adler(log_copy.read_bytes()), report["job.log.tgz"]["adler32"])
+        with tarfile.open(log_copy) as tarball:
+            names = {Path(n).name for n in tarball.getnames()}
+            root = {n.split("/")[0] for n in tarball.getnames()}
+        self.assertEqual(root, {f"tarball_PandaJob_{panda_id}_{QUEUE}"})
+        self.assertTrue({"payload.stdout", "out1.root", "PoolFileCatalog.xml"} <= names, names)
+        self.assertFalse({"in1.root", "in2.root", "in3.root"} & names, "staged-in inputs are not in the log")
         records = (pilot_dir / "transfer-records" / f"PanDA-{panda_id}-0.jsonl").read_text().splitlines()
         self.assertEqual(len(records), 6, "3 inputs, 2 outputs, 1 log recorded durably")
         updates = view["updates"]

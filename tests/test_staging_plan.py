@@ -94,7 +94,9 @@ class StorageTests(SynchronousTestCase):
         root, davs = site.protocols_for("read_lan")
         self.assertEqual(root.url("mc/ab/cd/f"), "root://xrd.site:1094//data/mc/ab/cd/f")
         self.assertEqual(davs.url("mc/ab/cd/f"), "davs://dav.site:443/data/mc/ab/cd/f")
-        local = StorageData.from_document({"L": {"arprotocols": {"read_lan": [{"endpoint": "file://", "path": "/srv/rse/"}]}}})
+        local = StorageData.from_document(
+            {"L": {"arprotocols": {"read_lan": [{"endpoint": "file://", "path": "/srv/rse/"}]}}}
+        )
         endpoint = local.get("L")
         assert endpoint is not None
         self.assertEqual(endpoint.protocols_for("read_lan")[0].url("s/f"), "file:///srv/rse/s/f")
