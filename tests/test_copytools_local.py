@@ -240,3 +240,66 @@ class S3SigningTests(SynchronousTestCase):
         )
         error = self.assertRaises(TransferError, Credentials({}).s3_keys, {})
         self.assertEqual(error.code, ErrorCode.MISSINGCREDENTIALS)
+
+
+class NoSecretsOnCommandLinesTests(SynchronousTestCase):
+    """Whatever a copytool puts on ``/proc/<pid>/cmdline`` is readable by every user."""
+
+    def test_process_tools_keep_secrets_off_argv(self) -> None:
+        from twisted.internet.task import Clock
+
+        from .fakes import FakeSpawner, run_sync
+
+        secrets = {
+            "AWS_SECRET_ACCESS_KEY": "s3cr3t-key",
+            "GCS_ACCESS_TOKEN": "ya29.token",
+            "RUCIO_PASSWORD": "hunter2",
+        }
+        clock = Clock()
+        spawner = FakeSpawner(clock)
+        workdir = Path(self.mktemp()).absolute()
+        workdir.mkdir()
+        bindir = workdir / "bin"
+        bindir.mkdir()
+        for name in ("xrdcp", "gfal-copy", "lsm-get", "lsm-put", "cp", "rucio"):
+            (bindir / name).write_text("#!/usr/bin/python3\n")
+            (bindir / name).chmod(0o755)
+        env = {"PATH": str(bindir), "X509_USER_PROXY": "/tmp/x509up_u0", **secrets}
+        context = ToolContext(
+            spawner=spawner, clock=clock, in_thread=run_sync, env=env, logdir=workdir / "logs"
+        )
+        registry = CopytoolRegistry()
+        for name, remote in (
+            ("xrdcp", "root://h//f"),
+            ("gfal", "davs://h/f"),
+            ("lsm", "srm://h/f"),
+            ("cp", "/s/f"),
+            ("rucio", "s:f"),
+        ):
+            for direction in (Direction.IN, Direction.OUT):
+                (workdir / "f").write_bytes(b"x")
+                request = CopyRequest(
+                    direction=direction,
+                    local=workdir / "f",
+                    remote=remote if direction is Direction.IN or name != "rucio" else "RSE",
+                    lfn="f",
+                    scope="s",
+                    guid="g",
+                    size=1,
+                    checksum=adler(b"x"),
+                    endpoint="E",
+                    timeout=60,
+                )
+                tool = registry.get(name)
+                method = tool.copy_in if direction is Direction.IN else tool.copy_out
+                d = method(request, context)
+                d.addErrback(lambda f: None)
+                clock.advance(0)
+        programs = {Path(p.command[0]).name for p in spawner.processes}
+        self.assertEqual(
+            programs, {"xrdcp", "gfal-copy", "lsm-get", "lsm-put", "cp", "python3"}, "every tool ran"
+        )
+        for process in spawner.processes:
+            command = " ".join(process.args)
+            for value in secrets.values():
+                self.assertNotIn(value, command, process.args)
