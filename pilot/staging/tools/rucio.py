@@ -1,6 +1,6 @@
 """Rucio: downloads by DID (Rucio picks the replica) and uploads to an RSE by name.
 
-The transfer runs ``rucio_transfer.py`` with the rucio-clients interpreter — the one
+The transfer runs ``pilot/data/rucio_transfer.py`` with the rucio-clients interpreter — the one
 in ``$RUCIO_PYTHON``, or the one the ``rucio`` command on PATH runs with — so the
 trace fields are sent and nothing secret appears on a command line.
 """
@@ -21,7 +21,9 @@ from pilot.staging.errors import classify
 from pilot.staging.tools.base import ToolContext, find_executable, run_command
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 
-HELPER = Path(__file__).with_name("rucio_transfer.py")
+#: Kept among the data files: the directory of a script is first on its sys.path, and
+#: ours must not hold modules (like this one, ``rucio.py``) that shadow Rucio's.
+HELPER = Path(__file__).resolve().parent.parent.parent / "data" / "rucio_transfer.py"
 
 
 def _interpreter_of(script: str) -> str:

@@ -30,7 +30,7 @@ from pilot.interfaces import ICopyTool
 from pilot.job.model import Checksum
 from pilot.staging.credentials import S3Keys
 from pilot.staging.tools.base import ToolContext
-from pilot.staging.tools.http import CountingReader, download_body
+from pilot.staging.tools.streaming import CountingReader, download_body
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 from pilot.util.checksum import file_facts
 

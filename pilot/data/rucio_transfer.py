@@ -1,6 +1,7 @@
 """Rucio transfers through the rucio-clients Python API, run as a child process.
 
-This file is executed by the *rucio-clients* interpreter (not the pilot's): the
+This file is executed by the *rucio-clients* interpreter (not the pilot's), from a
+directory holding no Python module that could shadow Rucio's imports: the
 pilot stays free of Rucio's dependencies, a hung transfer can be killed with its
 process group, and the trace fields PanDA uses (appid, eventType, pq, taskid,
 localSite, remoteSite, usrdn) reach Rucio — the 41.x CLI no longer has trace
