@@ -8,7 +8,7 @@ pilot core never imports experiment code by module path.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from pilot.staging.tools.base import ToolContext
-    from pilot.staging.transfer import CopyRequest, CopyResult
+    from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 
 
 class IExperiment(Interface):
@@ -77,3 +77,16 @@ class ICopyTool(Interface):
         ``request.checksum`` holds the local adler32; tools that can verify it on
         the remote side do so and say so in the result.
         """
+
+
+class IBulkCopyTool(ICopyTool):
+    """A copytool that can fetch many files in one go (one process, its own parallelism).
+
+    Starting a process per small file costs more than moving it; the engine hands
+    such tools batches of stage-in requests with the same source endpoint.
+    """
+
+    def copy_in_bulk(
+        requests: Sequence[CopyRequest], context: ToolContext
+    ) -> Deferred[list[CopyResult | TransferError]]:
+        """Fetch every request; one result per request, in order (a TransferError for a failed one)."""

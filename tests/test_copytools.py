@@ -131,6 +131,28 @@ class XRootDToolsTests(TestCase):
         self.assertEqual(dead.error.code, ErrorCode.STAGEINFAILED)
         self.assertIn("onnection refused", dead.error.detail)
 
+    async def test_xrdcp_bulk_stage_in_with_fallback(self) -> None:
+        """Ten inputs in one xrdcp; the one missing at the first endpoint comes from the second."""
+        files = {f"b{i}.bin": os.urandom(50_000 + i) for i in range(10)}
+        for lfn, data in files.items():
+            where = "/b" if lfn == "b3.bin" else "/a"
+            self.xrd.path_of(f"{where}/{lfn}").parent.mkdir(parents=True, exist_ok=True)
+            self.xrd.path_of(f"{where}/{lfn}").write_bytes(data)
+        spawned = len(list(self.trip.context.logdir.glob("*")))
+        transfers = [
+            self.trip.inbound(
+                lfn, data, "xrdcp", [f"{self.xrd.root_url}//a/{lfn}", f"{self.xrd.root_url}//b/{lfn}"]
+            )
+            for lfn, data in files.items()
+        ]
+        await self.trip.run(*transfers)
+        self.assertTrue(all(t.done for t in transfers), [t.error for t in transfers])
+        self.assertEqual({t.lfn: t.tries for t in transfers if t.tries != 1}, {"b3.bin": 2})
+        commands = len(list(self.trip.context.logdir.glob("*"))) - spawned
+        self.assertEqual(commands, 2, "one xrdcp for the batch, one for the fallback")
+        for lfn, data in files.items():
+            self.assertEqual((self.trip.in_dir / lfn).read_bytes(), data)
+
     async def test_second_replica(self) -> None:
         data = b"replicated"
         self.xrd.path_of("/b/r.bin").parent.mkdir(parents=True)

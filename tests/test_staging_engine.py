@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,7 +20,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import ICopyTool
+from pilot.interfaces import IBulkCopyTool, ICopyTool
 from pilot.job.model import Checksum
 from pilot.staging.credentials import Credentials
 from pilot.staging.engine import StagingEngine
@@ -287,6 +288,77 @@ class StageInTests(SynchronousTestCase):
         self.successResultOf(again.run([moved]))
         self.assertFalse(moved.from_record)
         self.assertEqual(again.tool.calls, ["A:f1"])
+
+
+@implementer(ICopyTool, IBulkCopyTool)
+class BulkTool(ScriptedTool):
+    """ScriptedTool that also takes batches; a batch in ``hang`` never finishes."""
+
+    def __init__(self) -> None:
+        super().__init__("bulk")
+        self.batches: list[list[str]] = []
+
+    def copy_in_bulk(
+        self, requests: Sequence[CopyRequest], context: ToolContext
+    ) -> Deferred[list[CopyResult | TransferError]]:
+        self.batches.append([r.remote for r in requests])
+        if any(r.remote in self.hang for r in requests):
+            return self._held()  # type: ignore[return-value]
+        results: list[CopyResult | TransferError] = []
+        for r in requests:
+            if r.remote in self.files:
+                r.local.write_bytes(self.files[r.remote])
+                results.append(CopyResult(remote_url=r.remote))
+            else:
+                results.append(TransferError(ErrorCode.MISSINGINPUTFILE, "No such file", missing=True))
+        return succeed(results)
+
+
+class BulkTests(SynchronousTestCase):
+    def harness(self, **engine: Any) -> tuple[EngineHarness, BulkTool]:
+        h = EngineHarness(self, **engine)
+        tool = BulkTool()
+        h.registry.register(tool)
+        return h, tool
+
+    def transfers(
+        self, h: EngineHarness, tool: BulkTool, n: int, missing_at_a: set[int] = set()
+    ) -> list[FileTransfer]:
+        result = []
+        for i in range(n):
+            data = f"file {i}".encode()
+            tool.files[f"B/f{i}"] = data
+            if i not in missing_at_a:
+                tool.files[f"A/f{i}"] = data
+            t = h.inbound(f"f{i}", data, [])
+            t.attempts = [Attempt("bulk", f"A/f{i}", "A"), Attempt("bulk", f"B/f{i}", "B")]
+            result.append(t)
+        return result
+
+    def test_batches_and_fallback(self) -> None:
+        h, tool = self.harness(bulk_size=4, parallel=2)
+        transfers = self.transfers(h, tool, 10, missing_at_a={5})
+        self.successResultOf(h.run(transfers))
+        self.assertTrue(all(t.done for t in transfers))
+        self.assertEqual([len(b) for b in tool.batches], [4, 4, 2])
+        self.assertEqual(tool.calls, ["B/f5"], "the one missing at A came from B, alone")
+        self.assertEqual(transfers[5].tries, 2)
+
+    def test_batch_timeout(self) -> None:
+        h, tool = self.harness(bulk_size=8, timeout_base=100.0)
+        transfers = self.transfers(h, tool, 3)
+        tool.hang.add("A/f0")
+        tool.hang.add("B/f0")
+        d = h.run(transfers)
+        h.clock.advance(100.001)
+        self.assertEqual(
+            tool.running, 1, "the batch was cancelled; f0's fallback hangs too; f1, f2 came from B"
+        )
+        h.clock.advance(400)
+        self.successResultOf(d)
+        self.assertEqual([t.done for t in transfers], [False, True, True])
+        assert transfers[0].error is not None
+        self.assertEqual(transfers[0].error.code, ErrorCode.STAGEINTIMEOUT)
 
 
 class StageOutTests(SynchronousTestCase):

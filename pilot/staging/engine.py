@@ -31,6 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
+from pilot.interfaces import IBulkCopyTool
 from pilot.job.model import Checksum
 from pilot.logs import pilot_observer
 from pilot.staging.plan import FileTransfer
@@ -118,6 +119,7 @@ class StagingEngine:
         record: TransferRecord | None = None,
         timeout_base: float = 400.0,
         timeout_rate: float = 1e6,
+        bulk_size: int = 32,
     ) -> None:
         self.registry = registry
         self.context = context
@@ -126,6 +128,7 @@ class StagingEngine:
         self.record = record
         self.timeout_base = timeout_base
         self.timeout_rate = timeout_rate
+        self.bulk_size = bulk_size
         self._recorded: dict[tuple[str, str], RecordEntry] | None = None
         self._stopping = False
 
@@ -151,10 +154,10 @@ class StagingEngine:
                 if not d.called:
                     d.cancel()
 
-        for transfer in transfers:
-            d: Deferred[None] = semaphore.run(self._transfer_deferred, transfer)
+        for unit in self._units(transfers):
+            d: Deferred[None] = semaphore.run(self._unit_deferred, unit)
             if stop_on_failure:
-                d.addCallback(self._stop_others_if_failed, transfer, cancel_rest)
+                d.addCallback(self._stop_others_if_failed, unit, cancel_rest)
             pending.append(d)
         await DeferredList(pending, consumeErrors=True)
         for transfer in transfers:
@@ -166,63 +169,168 @@ class StagingEngine:
                 )
                 transfer.error = TransferError(code, f"{transfer.lfn}: cancelled after another file failed")
 
-    def _transfer_deferred(self, transfer: FileTransfer) -> Deferred[None]:
-        if self._stopping:
-            return succeed(None)  # another file failed for good: this one is not started
-        return Deferred.fromCoroutine(self._transfer(transfer))
-
     @staticmethod
-    def _stop_others_if_failed(_: None, transfer: FileTransfer, cancel_rest: Any) -> None:
-        if transfer.error is not None and not transfer.done:
+    def _stop_others_if_failed(_: None, unit: list[FileTransfer], cancel_rest: Any) -> None:
+        if any(t.error is not None and not t.done for t in unit):
             cancel_rest(None)
 
     # -- one file ------------------------------------------------------------------
 
-    async def _transfer(self, transfer: FileTransfer) -> None:
-        started = self.clock.seconds()
-        if await self._already_done(transfer):
+    async def _transfer(
+        self,
+        transfer: FileTransfer,
+        *,
+        start: int = 0,
+        errors: list[TransferError] | None = None,
+        started: float | None = None,
+    ) -> None:
+        """Try ``transfer``'s attempts from ``start`` on until one works."""
+        started = self.clock.seconds() if started is None else started
+        errors = [] if errors is None else errors
+        if start == 0 and await self._already_done(transfer):
             return
-        errors: list[TransferError] = []
-        for attempt in transfer.attempts:
+        for attempt in transfer.attempts[start:]:
             transfer.tries += 1
             try:
                 result = await self._attempt(transfer, attempt)
             except TransferError as error:
-                errors.append(error)
-                self.log.warn(
-                    "{lfn}: {direction} with {tool} from {endpoint} failed: {code} {detail}",
-                    lfn=transfer.lfn,
-                    direction="stage-in" if transfer.direction is Direction.IN else "stage-out",
-                    tool=attempt.tool,
-                    endpoint=attempt.endpoint or attempt.remote,
-                    code=error.code.name,
-                    detail=error.detail,
-                    event="transfer.attempt_failed",
-                )
-                await self._discard_partial(transfer)
+                await self._failed_attempt(transfer, attempt, error, errors)
                 if not error.retry_elsewhere:
                     break
                 continue
-            transfer.done = True
-            transfer.used = attempt
-            transfer.remote_url = result.remote_url or attempt.remote
-            transfer.verified_remotely = result.verified_remotely
-            transfer.duration = self.clock.seconds() - started
-            transfer.error = None
-            self.log.info(
-                "{lfn}: {direction} done with {tool} ({endpoint}) in {seconds:.2f} s",
-                lfn=transfer.lfn,
-                direction="stage-in" if transfer.direction is Direction.IN else "stage-out",
-                tool=attempt.tool,
-                endpoint=attempt.endpoint,
-                seconds=transfer.duration,
-                size=transfer.size,
-                event="transfer.done",
-            )
-            await self._remember(transfer)
+            await self._succeeded(transfer, attempt, result, started)
             return
         transfer.duration = self.clock.seconds() - started
         transfer.error = self._final_error(transfer, errors)
+
+    async def _failed_attempt(
+        self, transfer: FileTransfer, attempt: Attempt, error: TransferError, errors: list[TransferError]
+    ) -> None:
+        errors.append(error)
+        self.log.warn(
+            "{lfn}: {direction} with {tool} from {endpoint} failed: {code} {detail}",
+            lfn=transfer.lfn,
+            direction="stage-in" if transfer.direction is Direction.IN else "stage-out",
+            tool=attempt.tool,
+            endpoint=attempt.endpoint or attempt.remote,
+            code=error.code.name,
+            detail=error.detail,
+            event="transfer.attempt_failed",
+        )
+        await self._discard_partial(transfer)
+
+    async def _succeeded(
+        self, transfer: FileTransfer, attempt: Attempt, result: CopyResult, started: float
+    ) -> None:
+        transfer.done = True
+        transfer.used = attempt
+        transfer.remote_url = result.remote_url or attempt.remote
+        transfer.verified_remotely = result.verified_remotely
+        transfer.duration = self.clock.seconds() - started
+        transfer.error = None
+        self.log.info(
+            "{lfn}: {direction} done with {tool} ({endpoint}) in {seconds:.2f} s",
+            lfn=transfer.lfn,
+            direction="stage-in" if transfer.direction is Direction.IN else "stage-out",
+            tool=attempt.tool,
+            endpoint=attempt.endpoint,
+            seconds=transfer.duration,
+            size=transfer.size,
+            event="transfer.done",
+        )
+        await self._remember(transfer)
+
+    # -- bulk stage-in -------------------------------------------------------------
+
+    def _units(self, transfers: Sequence[FileTransfer]) -> list[list[FileTransfer]]:
+        """Transfers grouped into batches for bulk-capable tools; one transfer per unit otherwise."""
+        units: list[list[FileTransfer]] = []
+        groups: dict[tuple[str, str, str], list[FileTransfer]] = {}
+        for transfer in transfers:
+            first = transfer.attempts[0] if transfer.attempts else None
+            bulk = (
+                self.bulk_size > 1
+                and transfer.direction is Direction.IN
+                and first is not None
+                and IBulkCopyTool.providedBy(self.registry.get(first.tool))
+                and first.remote.rsplit("/", 1)[-1] == transfer.lfn
+            )
+            if not bulk or first is None:
+                units.append([transfer])
+                continue
+            key = (first.tool, first.endpoint, str(transfer.local.parent))
+            group = groups.setdefault(key, [])
+            if not group:
+                units.append(group)
+            group.append(transfer)
+            if len(group) == self.bulk_size:
+                del groups[key]
+        return units
+
+    def _unit_deferred(self, unit: list[FileTransfer]) -> Deferred[None]:
+        if self._stopping:
+            return succeed(None)  # another file failed for good: this one is not started
+        if len(unit) == 1:
+            return Deferred.fromCoroutine(self._transfer(unit[0]))
+        return Deferred.fromCoroutine(self._bulk(unit))
+
+    async def _bulk(self, batch: list[FileTransfer]) -> None:
+        started = self.clock.seconds()
+        pending = [t for t in batch if not await self._already_done(t)]
+        if len(pending) < 2:
+            for transfer in pending:
+                await self._transfer(transfer, start=0)
+            return
+        attempts = [t.attempts[0] for t in pending]
+        tool = IBulkCopyTool(self.registry.get(attempts[0].tool))
+        timeout = timeout_for(
+            sum(t.size or 0 for t in pending), base=self.timeout_base, rate=self.timeout_rate
+        )
+        requests = [self._request(t, a, timeout, None) for t, a in zip(pending, attempts, strict=True)]
+        running: Deferred[list[CopyResult | TransferError]] = maybeDeferred(
+            tool.copy_in_bulk, requests, self.context
+        )
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            running.cancel()
+
+        timer = self.clock.callLater(timeout, expire)
+        self.log.info(
+            "stage-in of {n} files with {tool} in one batch from {endpoint}",
+            n=len(pending),
+            tool=attempts[0].tool,
+            endpoint=attempts[0].endpoint,
+            event="transfer.batch",
+        )
+        try:
+            results = await running
+        except CancelledError:
+            if not expired:
+                raise
+            timed_out = TransferError(
+                ErrorCode.STAGEINTIMEOUT, f"batch of {len(pending)} did not finish within {timeout:.0f} s"
+            )
+            results = [timed_out] * len(pending)
+        except TransferError as error:
+            results = [error] * len(pending)
+        finally:
+            if timer.active():
+                timer.cancel()
+        for transfer, attempt, result in zip(pending, attempts, results, strict=True):
+            transfer.tries += 1
+            errors: list[TransferError] = []
+            if isinstance(result, CopyResult):
+                try:
+                    await self._verify_input(transfer, result)
+                except TransferError as error:
+                    result = error
+                else:
+                    await self._succeeded(transfer, attempt, result, started)
+                    continue
+            await self._failed_attempt(transfer, attempt, result, errors)
+            await self._transfer(transfer, start=1, errors=errors, started=started)
 
     def _final_error(self, transfer: FileTransfer, errors: list[TransferError]) -> TransferError:
         stage_in = transfer.direction is Direction.IN
@@ -246,22 +354,7 @@ class StagingEngine:
         timeout = timeout_for(transfer.size, base=self.timeout_base, rate=self.timeout_rate)
         started = self.clock.seconds()
         progress = _Progress(transfer, attempt, started, self.clock)
-        request = CopyRequest(
-            direction=transfer.direction,
-            local=transfer.local,
-            remote=attempt.remote,
-            lfn=transfer.lfn,
-            scope=transfer.scope,
-            guid=transfer.guid,
-            size=transfer.size,
-            checksum=transfer.checksum,
-            endpoint=attempt.endpoint,
-            timeout=timeout,
-            settings=attempt.settings,
-            token=transfer.token,
-            dataset=transfer.dataset,
-            progress=progress.update,
-        )
+        request = self._request(transfer, attempt, timeout, progress)
         method = tool.copy_in if transfer.direction is Direction.IN else tool.copy_out
         running: Deferred[CopyResult] = maybeDeferred(method, request, self.context)
         expired: list[bool] = []
@@ -305,6 +398,26 @@ class StagingEngine:
                     f"{transfer.lfn}: remote {result.remote_checksum.value} != local {transfer.checksum.value}",
                 )
         return result
+
+    def _request(
+        self, transfer: FileTransfer, attempt: Attempt, timeout: float, progress: _Progress | None
+    ) -> CopyRequest:
+        return CopyRequest(
+            direction=transfer.direction,
+            local=transfer.local,
+            remote=attempt.remote,
+            lfn=transfer.lfn,
+            scope=transfer.scope,
+            guid=transfer.guid,
+            size=transfer.size,
+            checksum=transfer.checksum,
+            endpoint=attempt.endpoint,
+            timeout=timeout,
+            settings=attempt.settings,
+            token=transfer.token,
+            dataset=transfer.dataset,
+            progress=progress.update if progress is not None else None,
+        )
 
     async def _verify_input(self, transfer: FileTransfer, result: CopyResult) -> None:
         expected = transfer.checksum
