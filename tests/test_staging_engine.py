@@ -322,7 +322,7 @@ class BulkTests(SynchronousTestCase):
         return h, tool
 
     def transfers(
-        self, h: EngineHarness, tool: BulkTool, n: int, missing_at_a: set[int] = set()
+        self, h: EngineHarness, tool: BulkTool, n: int, missing_at_a: frozenset[int] = frozenset()
     ) -> list[FileTransfer]:
         result = []
         for i in range(n):
