@@ -337,7 +337,7 @@ class BulkTests(SynchronousTestCase):
 
     def test_batches_and_fallback(self) -> None:
         h, tool = self.harness(bulk_size=4, parallel=2)
-        transfers = self.transfers(h, tool, 10, missing_at_a={5})
+        transfers = self.transfers(h, tool, 10, missing_at_a=frozenset({5}))
         self.successResultOf(h.run(transfers))
         self.assertTrue(all(t.done for t in transfers))
         self.assertEqual([len(b) for b in tool.batches], [4, 4, 2])
