@@ -9,6 +9,7 @@ XRootD, gfal2, S3, GCS and Rucio servers is in ``test_copytools.py``.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import zlib
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import TestCase
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
 
 from pilot.devserver.server import DevServer, start_dev_server
 from pilot.errorcodes import ErrorCode
@@ -29,6 +31,7 @@ from .harness import pilot_service, run_to_end
 
 reactor: Any = _reactor
 QUEUE = "STAGING_QUEUE"
+FULL_QUEUE = "FULL_DISK_QUEUE"
 
 
 def adler(data: bytes) -> str:
@@ -40,7 +43,7 @@ class StagingEndToEndTests(TestCase):
 
     async def setUp(self) -> None:  # type: ignore[override]  # trial awaits it
         self.base = Path(self.mktemp()).absolute()
-        self.storage_dirs = {name: self.base / name for name in ("SITE_A", "SITE_B")}
+        self.storage_dirs = {name: self.base / name for name in ("SITE_A", "SITE_B", "SITE_FULL")}
         for directory in self.storage_dirs.values():
             directory.mkdir(parents=True)
         self.storage = StorageData.from_document(
@@ -60,8 +63,9 @@ class StagingEndToEndTests(TestCase):
             "acopytools": {"pr": ["cp"], "pw": ["cp"], "pl": ["cp"]},
             "astorages": {"read_lan": ["SITE_A", "SITE_B"], "pw": ["SITE_A"], "pl": ["SITE_B"]},
         }
+        full_queue = {**queuedata, "astorages": {**queuedata["astorages"], "pw": ["SITE_FULL"]}}
         self.server: DevServer = await start_dev_server(
-            reactor, self.base / "server", queues={QUEUE: queuedata}
+            reactor, self.base / "server", queues={QUEUE: queuedata, FULL_QUEUE: full_queue}
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(self.server.stop()))
 
@@ -174,3 +178,45 @@ class StagingEndToEndTests(TestCase):
         for directory in (pilot_dir,):
             leftovers = [p for p in directory.rglob("in2.root")]
             self.assertEqual(leftovers, [], "bad copies are removed")
+
+    async def test_full_destination_fails_that_job_and_the_next_one_runs(self) -> None:
+        """Stage-out to a full file system: NOREMOTESPACE, no partial file, next job finishes."""
+        if os.geteuid() != 0:
+            if os.environ.get("CI"):
+                self.fail("the full-disk test mounts a small tmpfs and must run as root in CI")
+            raise SkipTest("mounting a small tmpfs needs root")
+        full = self.storage_dirs["SITE_FULL"]
+        out, err, code = await getProcessOutputAndValue(
+            "/bin/mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], reactor=reactor
+        )
+        self.assertEqual(code, 0, err)
+        self.addCleanup(lambda: getProcessOutputAndValue("/bin/umount", [str(full)], reactor=reactor))
+        self.place("SITE_A", "mc.in", "in1.root", b"first input\n")
+        common = {
+            "computingSite": FULL_QUEUE,
+            "inFiles": "in1.root",
+            "scopeIn": "mc.in",
+            "ddmEndPointIn": "SITE_A",
+            "fsize": "12",
+            "checksum": "ad:" + adler(b"first input\n"),
+            "GUID": "g",
+        }
+        too_big = self.job(**common, jobPars="-c 'head -c 300000 /dev/urandom > out1.root; echo x > out2.txt'")
+        small = self.job(**common, jobPars="-c 'cp in1.root out1.root; echo x > out2.txt'")
+        ids = await self.server.submit([too_big, small])
+        pilot_dir = self.base / "pilot-full"
+        service = pilot_service(
+            self.server,
+            FULL_QUEUE,
+            pilot_dir,
+            staging=StagingSetup(storage=self.storage, records_dir=pilot_dir),
+            getjob_requests=1,
+        )
+        await run_to_end(service)
+        views = [await self.server.job(i) for i in ids]
+        self.assertEqual([v["jobStatus"] for v in views], ["failed", "finished"])
+        self.assertEqual(views[0]["pilotErrorCode"], ErrorCode.NOREMOTESPACE, views[0].get("pilotErrorDiag"))
+        stored = full / rucio_path("mc.out", "out1.root")
+        self.assertEqual(stored.read_bytes(), b"first input\n", "only the second job's output is there")
+        leftovers = [p.name for p in full.rglob("*") if p.is_file() and p != stored]
+        self.assertEqual(sorted(leftovers), ["out2.txt"], "the partial copy was removed")

@@ -112,6 +112,7 @@ class EngineHarness:
             logdir=self.workdir / "logs",
             credentials=Credentials({}),
         )
+        engine.setdefault("follow_threshold", None)  # in_thread is synchronous here
         self.engine = StagingEngine(self.registry, self.context, **engine)
 
     def inbound(self, lfn: str, data: bytes, remotes: list[str], *, size: int | None = -1) -> FileTransfer:

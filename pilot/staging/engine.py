@@ -34,12 +34,20 @@ from pilot.errorcodes import ErrorCode
 from pilot.interfaces import IBulkCopyTool
 from pilot.job.model import Checksum
 from pilot.logs import pilot_observer
+from pilot.staging.follow import ChecksumFollower
 from pilot.staging.plan import FileTransfer
 from pilot.staging.record import RecordEntry, TransferRecord
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.tools.base import ToolContext
 from pilot.staging.transfer import Attempt, CopyRequest, CopyResult, Direction, TransferError, timeout_for
 from pilot.util.checksum import FileFacts, file_facts
+
+#: Inputs at least this large are checksummed while they are written (``follow.py``).
+FOLLOW_THRESHOLD = 32 << 20
+
+
+def _facts_value(facts: FileFacts, algorithm: str) -> str | None:
+    return facts.adler32 if algorithm == "adler32" else facts.md5
 
 
 def _size_text(n: float) -> str:
@@ -119,12 +127,14 @@ class StagingEngine:
         record: TransferRecord | None = None,
         timeout_base: float = 400.0,
         timeout_rate: float = 1e6,
+        follow_threshold: int | None = FOLLOW_THRESHOLD,
         bulk_size: int = 32,
     ) -> None:
         self.registry = registry
         self.context = context
         self.parallel = max(1, parallel)
         self.progress_interval = progress_interval
+        self.follow_threshold = follow_threshold
         self.record = record
         self.timeout_base = timeout_base
         self.timeout_rate = timeout_rate
@@ -356,6 +366,8 @@ class StagingEngine:
         progress = _Progress(transfer, attempt, started, self.clock)
         request = self._request(transfer, attempt, timeout, progress)
         method = tool.copy_in if transfer.direction is Direction.IN else tool.copy_out
+        follower = self._follower(transfer)
+        following = self.context.in_thread(follower.run) if follower is not None else None
         running: Deferred[CopyResult] = maybeDeferred(method, request, self.context)
         expired: list[bool] = []
 
@@ -367,8 +379,10 @@ class StagingEngine:
         reporter = LoopingCall(progress.report)
         reporter.clock = self.clock
         reporter.start(self.progress_interval, now=False)
+        succeeded = False
         try:
             result = await running
+            succeeded = True
         except CancelledError:
             if expired:
                 code = (
@@ -384,8 +398,12 @@ class StagingEngine:
             if timer.active():
                 timer.cancel()
             reporter.stop()
+            if follower is not None and following is not None:
+                follower.finish() if succeeded else follower.abandon()
+                await following
         if transfer.direction is Direction.IN:
-            await self._verify_input(transfer, result)
+            followed = follower.result if follower is not None else None
+            await self._verify_input(transfer, result, followed)
         elif result.remote_checksum is not None and transfer.checksum is not None:
             if result.remote_checksum != transfer.checksum:
                 code = (
@@ -419,7 +437,24 @@ class StagingEngine:
             progress=progress.update if progress is not None else None,
         )
 
-    async def _verify_input(self, transfer: FileTransfer, result: CopyResult) -> None:
+    def _follower(self, transfer: FileTransfer) -> ChecksumFollower | None:
+        """A checksum-while-copying thread for a large verified input, else None.
+
+        ``follow_threshold=None`` turns it off: needed where ``in_thread`` is not a real
+        thread (the follower waits for ``finish`` and would block a synchronous runner).
+        """
+        if (
+            self.follow_threshold is None
+            or transfer.direction is not Direction.IN
+            or transfer.checksum is None
+            or (transfer.size or 0) < self.follow_threshold
+        ):
+            return None
+        return ChecksumFollower(transfer.local, md5=transfer.checksum.algorithm == "md5")
+
+    async def _verify_input(
+        self, transfer: FileTransfer, result: CopyResult, followed: FileFacts | None = None
+    ) -> None:
         expected = transfer.checksum
         try:
             size = os.stat(transfer.local).st_size
@@ -436,6 +471,8 @@ class StagingEngine:
         actual: Checksum
         if expected.algorithm == "adler32" and result.local_checksum is not None:
             actual = result.local_checksum
+        elif followed is not None and _facts_value(followed, expected.algorithm) == expected.value:
+            actual = expected  # read while it was written, and the name still holds those bytes
         else:
             facts: FileFacts = await self.context.in_thread(
                 file_facts, transfer.local, md5=expected.algorithm == "md5"

@@ -1,17 +1,25 @@
 """File checksums as PanDA and Rucio use them: adler32 (8 hex digits) and md5.
 
-Files are read in 256 KiB chunks, never loaded whole; callers run these functions in a
-thread (``deferToThread``), never on the reactor thread.
+Files are read in 1 MiB chunks, never loaded whole; callers run these functions in a
+thread (``deferToThread``), never on the reactor thread.  adler32 comes from zlib-ng when
+it is installed (SIMD, ~40 GB/s against ~2.5 GB/s for zlib: the checksum of a 1 GiB input
+costs 25 ms instead of 400 ms of a worker-node core), else from the standard library.
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-CHUNK = 256 << 10
+adler32: Callable[[bytes | memoryview, int], int]
+try:
+    from zlib_ng.zlib_ng import adler32
+except ImportError:  # pragma: no cover - zlib-ng is a declared dependency
+    from zlib import adler32
+
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -27,15 +35,29 @@ def adler32_hex(value: int) -> str:
     return f"{value & 0xFFFFFFFF:08x}"
 
 
+class RunningChecksum:
+    """adler32 (and md5 if asked) of bytes fed in order, as a file is read or written."""
+
+    def __init__(self, *, md5: bool = False) -> None:
+        self.size = 0
+        self._adler = 1
+        self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self._adler = adler32(chunk, self._adler)
+        self.size += len(chunk)
+        if self._md5 is not None:
+            self._md5.update(chunk)
+
+    def facts(self) -> FileFacts:
+        md5 = self._md5.hexdigest() if self._md5 is not None else None
+        return FileFacts(size=self.size, adler32=adler32_hex(self._adler), md5=md5)
+
+
 def file_facts(path: Path, *, md5: bool = False) -> FileFacts:
     """Size and adler32 (and md5 if asked) of ``path``, reading it once."""
-    adler = 1
-    digest = hashlib.md5(usedforsecurity=False) if md5 else None
-    size = 0
+    running = RunningChecksum(md5=md5)
     with path.open("rb") as handle:
         while chunk := handle.read(CHUNK):
-            adler = zlib.adler32(chunk, adler)
-            size += len(chunk)
-            if digest is not None:
-                digest.update(chunk)
-    return FileFacts(size=size, adler32=adler32_hex(adler), md5=digest.hexdigest() if digest else None)
+            running.update(chunk)
+    return running.facts()

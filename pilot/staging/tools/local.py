@@ -61,14 +61,26 @@ class LocalCopyTool:
             raise TransferError(
                 ErrorCode.MISSINGINPUTFILE, f"{source}: No such file or directory", missing=True
             )
+        created = False
         if not request.stage_in:
-            await context.in_thread(lambda: Path(destination).parent.mkdir(parents=True, exist_ok=True))
-        output = await run_command(
-            context, [program, *self._arguments, "--", source, destination], request, tool=self.name
-        )
-        if output.exit_code != 0:
-            raise failed(output, request, self.name)
+            created = not await context.in_thread(_prepare_destination, Path(destination))
+        try:
+            output = await run_command(
+                context, [program, *self._arguments, "--", source, destination], request, tool=self.name
+            )
+            if output.exit_code != 0:
+                raise failed(output, request, self.name)
+        except BaseException:
+            if created:  # a partial copy on the storage is worse than none
+                await context.in_thread(Path(destination).unlink, True)
+            raise
         return CopyResult(remote_url=request.remote)
+
+
+def _prepare_destination(destination: Path) -> bool:
+    """Create the destination's directories; whether the destination file already existed."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    return destination.exists()
 
 
 cp = LocalCopyTool("cp", "cp", ("--preserve=timestamps",))

@@ -131,7 +131,7 @@ class S3Tool:
             raise self._error(response.code, body, request)
         sink = await download_body(response, request.local, request.progress)
         return CopyResult(
-            local_checksum=Checksum("adler32", f"{sink.adler & 0xFFFFFFFF:08x}"), remote_url=request.remote
+            local_checksum=sink.adler32, remote_url=request.remote
         )
 
     async def _put(self, request: CopyRequest, context: ToolContext) -> CopyResult:

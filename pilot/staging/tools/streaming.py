@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -11,6 +9,9 @@ from typing import IO
 import treq
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IResponse
+
+from pilot.job.model import Checksum
+from pilot.util.checksum import RunningChecksum
 
 
 class CountingReader:
@@ -39,22 +40,26 @@ class CountingReader:
 
 
 class StreamToFile:
-    """Receives a response body into a file, counting bytes and computing adler32 and md5."""
+    """Receives a response body into a file, counting bytes and computing adler32 on the way."""
 
     def __init__(self, path: Path, progress: Callable[[int], None] | None) -> None:
         self._handle = path.open("wb")
         self._progress = progress
-        self.received = 0
-        self.adler = 1
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self._running = RunningChecksum()
+
+    @property
+    def received(self) -> int:
+        return self._running.size
+
+    @property
+    def adler32(self) -> Checksum:
+        return Checksum("adler32", self._running.facts().adler32)
 
     def write(self, data: bytes) -> None:
         self._handle.write(data)
-        self.received += len(data)
-        self.adler = zlib.adler32(data, self.adler)
-        self.md5.update(data)
+        self._running.update(data)
         if self._progress is not None:
-            self._progress(self.received)
+            self._progress(self._running.size)
 
     def close(self) -> None:
         self._handle.close()

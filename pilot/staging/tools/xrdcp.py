@@ -1,9 +1,10 @@
 """XRootD with ``xrdcp``.
 
-``xrdcp --cksum adler32:<value>`` has the destination side compute the checksum and
-compare it with the value we pass (the catalogue's value on stage-in, ours on
-stage-out), and ``--rm-bad-cksum`` removes a copy that does not match; so both
-directions are verified at the far end by XRootD itself.  ``XRD_*`` settings in
+On stage-out ``xrdcp --cksum adler32:<value>`` has the storage compute the checksum of
+what it received and compare it with ours, and ``--rm-bad-cksum`` removes a copy that
+does not match: the output is verified at the far end.  On stage-in the engine
+checksums the copy itself, while xrdcp writes it (``pilot.staging.follow``), which
+costs less than xrdcp's own ``--cksum`` pass over the local file after the copy.  ``XRD_*`` settings in
 the environment keep a dead endpoint from hanging a transfer for minutes.
 """
 
@@ -45,7 +46,11 @@ class XrdcpTool:
         program = find_executable("xrdcp", context.env, code)
         argv = [program, "--force", "--nopbar", "--path"]
         verified = False
-        if isinstance(request.checksum, Checksum) and request.checksum.algorithm == "adler32":
+        if (
+            not request.stage_in
+            and isinstance(request.checksum, Checksum)
+            and request.checksum.algorithm == "adler32"
+        ):
             argv += ["--cksum", f"adler32:{request.checksum.value}", "--rm-bad-cksum"]
             verified = True
         argv += [source, destination]
@@ -56,7 +61,7 @@ class XrdcpTool:
         return CopyResult(
             remote_checksum=request.checksum if verified else None,
             remote_url=request.remote,
-            verified_remotely=verified and not request.stage_in,
+            verified_remotely=verified,
         )
 
     #: Transfers xrdcp runs at once inside one bulk invocation.
@@ -72,13 +77,15 @@ class XrdcpTool:
     ) -> list[CopyResult | TransferError]:
         """``xrdcp --parallel N src1 ... srcN workdir/``: files keep their names (the LFNs).
 
-        ``--cksum adler32`` has XRootD compare each copy with the server's checksum;
-        the engine then checks it against the job definition as for any copy.
+        No ``--cksum`` here: with one value per file impossible on one command line,
+        xrdcp would ask the server to checksum every source, which is slow for large
+        files and refused by xrootd under load ("error while querying the checksum").
+        The engine verifies each copy against the job definition instead.
         """
         program = find_executable("xrdcp", context.env, ErrorCode.STAGEINFAILED)
         directory = requests[0].local.parent
         argv = [program, "--force", "--nopbar", "--path", "--parallel", str(self.bulk_parallel)]
-        argv += ["--cksum", "adler32", "--rm-bad-cksum", *(r.remote for r in requests), f"{directory}/"]
+        argv += [*(r.remote for r in requests), f"{directory}/"]
         env = {**XRD_DEFAULTS, **context.env}
         output = await run_command(context, argv, requests[0], tool=self.name, env=env)
         results: list[CopyResult | TransferError] = []

@@ -1,0 +1,35 @@
+"""The benchmarks' code paths, run small so that CI keeps them working.
+
+The numbers of a smoke run mean nothing (targets are not checked); the real runs are
+``tox -e bench`` and their results are recorded in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.trial.unittest import TestCase
+
+from bench import staging
+
+reactor: Any = _reactor
+
+
+class StagingBenchSmokeTests(TestCase):
+    timeout = 120
+
+    async def test_small_run_reports_every_measure(self) -> None:
+        run_dir = Path(self.mktemp()).absolute() / "staging"
+        args = argparse.Namespace(size_mib=4, files=6, repeat=1, dir=str(run_dir), check_targets=False)
+        await staging.main_async(reactor, args)
+        results = json.loads((run_dir.parent / "staging.json").read_text())
+        single, many = results["single_file"], results["many_files"]
+        self.assertEqual(single["size_mib"], 4)
+        self.assertGreater(single["single_file_ratio_vs_plain"], 0)
+        self.assertEqual(many["files"], 6)
+        for mode in ("one_at_a_time_s", "parallel_no_bulk_s", "default_s"):
+            self.assertGreater(many[mode], 0)
