@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
 from pilot.staging.storage import StorageData
 
@@ -73,6 +74,8 @@ class PilotConfig:
     shutdown_grace: float = 60.0
     lifetime_margin: float = 180.0
     keep_workdirs: KeepWorkdirs = KeepWorkdirs.NONE
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    report_worker_node: bool = True
     summary_file: Path | None = None
     log_file: Path | None = None
     node: str = ""

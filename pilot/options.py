@@ -28,6 +28,7 @@ from twisted.python import usage
 from pilot import __version__
 from pilot.config import ApiMode, Credentials, KeepWorkdirs, PilotConfig
 from pilot.errors import ExitCode, PilotError, exit_code_for
+from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData, is_url, load_queuedata_file
 from pilot.staging.storage import StorageData
 
@@ -259,7 +260,35 @@ _SETTINGS: tuple[_Setting, ...] = (
         _text("log-file"),
     ),
     _Setting("node", None, None, "Worker node name reported to PanDA (default: host name).", _text("node")),
-)
+    _Setting(
+        "memory-interval", None, 60.0, "Seconds between memory-monitor samples.",
+        _positive_float("memory-interval"),
+    ),
+    _Setting(
+        "disk-interval", None, 60.0, "Seconds between work-directory and free-space checks.",
+        _positive_float("disk-interval"),
+    ),
+    _Setting(
+        "looping-interval", None, 900.0, "Seconds between looping-job checks.",
+        _positive_float("looping-interval"),
+    ),
+    _Setting(
+        "looping-limit", None, 7200.0, "Seconds without a file modified before a job is looping.",
+        _positive_float("looping-limit"),
+    ),
+    _Setting(
+        "debug-interval", None, 10.0, "Seconds between memory samples of a job in debug mode.",
+        _positive_float("debug-interval"),
+    ),
+    _Setting(
+        "stdout-limit", None, 2048.0, "Largest payload stdout/stderr or log.* file, in MiB.",
+        _positive_float("stdout-limit"),
+    ),
+    _Setting(
+        "min-free-space", None, 1000.0, "Free space (MB) a running job must leave; twice that to start.",
+        _positive_float("min-free-space"),
+    ),
+)  # fmt: skip
 _BY_NAME = {s.name: s for s in _SETTINGS}
 
 
@@ -279,6 +308,7 @@ class PilotOptions(usage.Options):
     optFlags = [
         ["debug", "d", "Debug logging."],
         ["version", None, "Print the version and exit."],
+        ["no-worker-node-report", None, "Do not send the worker node's description (update_worker_node)."],
     ]
     optParameters = [
         [s.name, s.short, None, s.doc + (f" [default: {s.default}]" if s.default not in (None, "") else "")]
@@ -325,7 +355,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in table.items():
         name = key.replace("_", "-")
-        if name not in _BY_NAME and name != "debug":
+        if name not in _BY_NAME and name not in ("debug", "no-worker-node-report"):
             raise ConfigError(f"--config: {path}: unknown setting {key!r}")
         values[name] = value
     return values
@@ -342,6 +372,9 @@ def _merged(options: Mapping[str, Any], file_values: Mapping[str, Any]) -> dict[
         if merged[setting.name] is None and setting.default is not None:
             merged[setting.name] = setting.default
     merged["debug"] = bool(options.get("debug")) or bool(file_values.get("debug", False))
+    merged["no-worker-node-report"] = bool(options.get("no-worker-node-report")) or bool(
+        file_values.get("no-worker-node-report", False)
+    )
     return merged
 
 
@@ -470,6 +503,7 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         transfer_progress=values["transfer-progress"],
         baseurls=tuple(u.strip().rstrip("/") for u in values["baseurls"].split(",") if u.strip()),
         debug=values["debug"],
+        report_worker_node=not values["no-worker-node-report"],
         heartbeat_period=values["heartbeat"],
         debug_heartbeat_period=values["debug-heartbeat"],
         nojob_backoff=values["nojob-backoff"],
@@ -484,4 +518,14 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         batch_id=detect_batch_id(environ),
         harvester_id=environ.get("HARVESTER_ID", ""),
         worker_id=int(worker_id) if worker_id and worker_id.isdigit() else None,
+        monitor=MonitorSettings(
+            memory_interval=values["memory-interval"],
+            disk_interval=values["disk-interval"],
+            looping_interval=values["looping-interval"],
+            looping_limit=values["looping-limit"],
+            debug_interval=values["debug-interval"],
+            stdout_limit=int(values["stdout-limit"] * 1024 * 1024),
+            min_free_running=int(values["min-free-space"] * 1e6),
+            min_free_start=int(2 * values["min-free-space"] * 1e6),
+        ),
     )

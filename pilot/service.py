@@ -24,6 +24,7 @@ import random
 import resource
 import shutil
 import signal
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +47,8 @@ from pilot.job.pipeline import JobEnvironment, JobRun, JobSummary
 from pilot.job.reporter import PilotIdentity
 from pilot.job.staging import StagingSetup
 from pilot.logs import JsonLogFile, pilot_observer
+from pilot.monitor.status import STATUS_NAME, StatusFile
+from pilot.monitor.workernode import describe_worker_node, find_gpus, report_worker_node
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
 from pilot.server.client import JobRequest, PandaClient, ServerError, ServerRefused, StatusCode
@@ -74,6 +77,10 @@ def _own_resources() -> dict[str, float]:
     }
 
 
+def _utc_text(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
 class PilotService(Service):
     """The pilot; see the module docstring."""
 
@@ -95,8 +102,10 @@ class PilotService(Service):
         jitter: Callable[[], float] = random.random,
         process_control: ProcessControl = OS_PROCESS_CONTROL,
         staging: StagingSetup | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self._wall = wall
         self._clock = clock
         self._spawner = spawner
         self._client = client
@@ -113,6 +122,8 @@ class PilotService(Service):
         self.exit_code: ExitCode | None = None
         self.summaries: list[JobSummary] = []
         self.pilot_dir: Path | None = None
+        self.status: StatusFile | None = None
+        self._node_report: Deferred[None] | None = None
         self.queuedata: QueueData = config.queuedata or QueueData.default(config.queue)
         self._started_at = 0.0
         self._main_done: Deferred[ExitCode] | None = None
@@ -224,7 +235,18 @@ class PilotService(Service):
         )
         try:
             self.pilot_dir = self._make_pilot_dir()
+            self.status = StatusFile(self.pilot_dir / STATUS_NAME, self._in_thread)
+            self.status.update(
+                pilot={
+                    "queue": self.config.queue,
+                    "server": self.config.server_url,
+                    "started": _utc_text(self._wall()),
+                    "pid": os.getpid(),
+                    "jobs": 0,
+                }
+            )
             await self._load_queuedata()
+            self._node_report = Deferred.fromCoroutine(self._report_worker_node())
         except PilotError as exc:
             self.log.error("{diag}", diag=exc.diag, event="pilot.startup_failed", code=int(exc.code))
             return exit_code_for(exc.code)
@@ -457,6 +479,8 @@ class PilotService(Service):
             on_softkill=self.softkill,
             process_control=self._process_control,
             staging=self.staging,
+            status=self.status,
+            wall=self._wall,
         )
         run = JobRun(env, definition, getjob_seconds=getjob_seconds)
         self._current = run
@@ -465,6 +489,11 @@ class PilotService(Service):
         finally:
             self._current = None
         self.summaries.append(summary)
+        if self.status is not None:
+            pilot_section = dict(self.status.document.get("pilot", {}), jobs=len(self.summaries))
+            last = {"pandaid": summary.panda_id, "state": summary.state, "ended": _utc_text(self._wall())}
+            last["pilot_error_code"] = summary.pilot_error_code
+            self.status.update(pilot=pilot_section, job=None, last_job=last)
         self._write_summary_file()
 
     # -- the end -------------------------------------------------------------------
@@ -473,7 +502,26 @@ class PilotService(Service):
         self.log.failure("the pilot failed unexpectedly", failure)
         return ExitCode.UNKNOWNEXCEPTION
 
+    async def _report_worker_node(self) -> None:
+        """Describe this node to the server once per pilot (v1 servers only; never fails)."""
+        if not self.config.report_worker_node:
+            return
+        try:
+            node = await self._in_thread(
+                describe_worker_node,
+                self.pilot_dir or self.config.workdir,
+                site=self.queuedata.site or self.queuedata.resource,
+                panda_queue=self.config.queue,
+                host_name=self.config.node or None,
+            )
+            gpus = await find_gpus(self._spawner, self._environ, clock=self._clock)
+            await report_worker_node(self._client, node, gpus)
+        except Exception:  # noqa: BLE001 - a description of the node must never stop the pilot
+            self.log.failure("cannot describe the worker node")
+
     async def _cleanup(self) -> None:
+        if self._node_report is not None and not self._node_report.called:
+            self._node_report.cancel()
         if self._lifetime_call is not None and self._lifetime_call.active():
             self._lifetime_call.cancel()
         self._lifetime_call = None

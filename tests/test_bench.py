@@ -33,3 +33,18 @@ class StagingBenchSmokeTests(TestCase):
         self.assertEqual(many["files"], 6)
         for mode in ("one_at_a_time_s", "parallel_no_bulk_s", "default_s"):
             self.assertGreater(many[mode], 0)
+
+
+class MonitoringBenchSmokeTests(TestCase):
+    timeout = 180
+
+    async def test_small_run_reports_every_measure(self) -> None:
+        from bench import monitoring
+
+        run_dir = Path(self.mktemp()).absolute() / "monitoring"
+        args = argparse.Namespace(seconds=2.0, dir=str(run_dir), check_targets=False)
+        await monitoring.main_async(reactor, args)
+        results = json.loads((run_dir.parent / "monitoring.json").read_text())
+        self.assertEqual(results["files"], 1000)
+        self.assertGreater(results["scan_ms_per_pass"], 0)
+        self.assertGreaterEqual(results["pilot_cpu_fraction_percent"], 0)

@@ -100,6 +100,12 @@ class PilotAgainstDevServerTests(TestCase):
         pilot_calls = [e for e in server.request_log.entries if e.uri.startswith(("/server/", "/api/"))]
         self.assertTrue(all(e.uri.startswith(expected_prefix) for e in pilot_calls))
         self.assertTrue(all(e.dn == server.user_dn for e in pilot_calls), "the proxy's bare DN")
+        nodes = await server.worker_nodes()
+        if api is ApiMode.LEGACY:
+            self.assertEqual(nodes, [], "legacy servers have no update_worker_node")
+        else:
+            self.assertEqual([n["host_name"] for n in nodes], [service.config.node], "reported once")
+            self.assertGreater(int(str(nodes[0]["n_logical_cpus"])), 0)
 
     async def test_three_jobs_v1(self) -> None:
         await self._three_jobs(ApiMode.V1)

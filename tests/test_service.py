@@ -74,6 +74,9 @@ class ServiceHarness:
             "log_file": None,
             "summary_file": base / "summary.json",
             "node": "wn01",
+            # the scripted server counts calls; the node report is tested in test_workernode
+            # and against the dev server in test_integration
+            "report_worker_node": False,
         }
         settings.update(config)
         self.config = PilotConfig(**settings)

@@ -57,13 +57,14 @@ class StagingEndToEndTests(TestCase):
                 for name, directory in self.storage_dirs.items()
             }
         )
-        queuedata = {
+        astorages = {"read_lan": ["SITE_A", "SITE_B"], "pw": ["SITE_A"], "pl": ["SITE_B"]}
+        queuedata: dict[str, Any] = {
             "timefloor": 10,
             "copytools": {"cp": {}},
             "acopytools": {"pr": ["cp"], "pw": ["cp"], "pl": ["cp"]},
-            "astorages": {"read_lan": ["SITE_A", "SITE_B"], "pw": ["SITE_A"], "pl": ["SITE_B"]},
+            "astorages": astorages,
         }
-        full_queue = {**queuedata, "astorages": {**queuedata["astorages"], "pw": ["SITE_FULL"]}}
+        full_queue = {**queuedata, "astorages": {**astorages, "pw": ["SITE_FULL"]}}
         self.server: DevServer = await start_dev_server(
             reactor, self.base / "server", queues={QUEUE: queuedata, FULL_QUEUE: full_queue}
         )
@@ -201,7 +202,9 @@ class StagingEndToEndTests(TestCase):
             "checksum": "ad:" + adler(b"first input\n"),
             "GUID": "g",
         }
-        too_big = self.job(**common, jobPars="-c 'head -c 300000 /dev/urandom > out1.root; echo x > out2.txt'")
+        too_big = self.job(
+            **common, jobPars="-c 'head -c 300000 /dev/urandom > out1.root; echo x > out2.txt'"
+        )
         small = self.job(**common, jobPars="-c 'cp in1.root out1.root; echo x > out2.txt'")
         ids = await self.server.submit([too_big, small])
         pilot_dir = self.base / "pilot-full"

@@ -133,6 +133,18 @@ class DevServer:
         if not await self.dispatcher.set_debug(panda_id, on):
             raise KeyError(panda_id)
 
+    async def worker_nodes(self, site: str | None = None) -> list[dict[str, object]]:
+        """The last ``update_worker_node`` report per (site, host, CPU model), oldest first.
+
+        Each is the report's parameters as the server bound them (the host name without
+        its ``slot@`` prefix, ``timeout`` left out) plus ``last_seen`` (server clock seconds).
+        """
+        return _reports(await self._store.worker_nodes("worker_nodes"), site)
+
+    async def worker_node_gpus(self, site: str | None = None) -> list[dict[str, object]]:
+        """The last ``update_worker_node_gpu`` report per (site, host, vendor, model), oldest first."""
+        return _reports(await self._store.worker_nodes("worker_node_gpus"), site)
+
     def ready_info(self) -> dict[str, object]:
         """What clients need to find and trust this server."""
         return {
@@ -166,6 +178,20 @@ class DevServer:
         await self._resource.wait_idle()
         self._store.close()
         log.info("panda-dev server at {url} stopped", url=self.url)
+
+
+def _reports(rows: list[dict[str, object]], site: str | None) -> list[dict[str, object]]:
+    reports = []
+    for row in rows:
+        if site is not None and row["site"] != site:
+            continue
+        params = row["params"]
+        assert isinstance(params, dict)
+        report: dict[str, object] = {key: value for key, value in params.items() if key != "timeout"}
+        report["host_name"] = row["host_name"]
+        report["last_seen"] = row["last_seen"]
+        reports.append(report)
+    return reports
 
 
 async def start_dev_server(

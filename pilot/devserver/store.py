@@ -310,6 +310,12 @@ class JobStore:
             _upsert, "worker_node_gpus", keys, (site, host_name, vendor, model), params, now
         )
 
+    async def worker_nodes(self, table: str = "worker_nodes") -> list[dict[str, object]]:
+        """Every worker node (or, with ``table="worker_node_gpus"``, GPU) row, oldest report first."""
+        if table not in ("worker_nodes", "worker_node_gpus"):
+            raise ValueError(f"not a worker node table: {table}")
+        return await self._run(_worker_node_rows, table)
+
 
 # -- functions run in the database thread -----------------------------------------------------------
 
@@ -537,3 +543,13 @@ def _upsert(
         (*key, json.dumps(params, default=str), now),
     )
     return known
+
+
+def _worker_node_rows(cursor: sqlite3.Cursor, table: str) -> list[dict[str, object]]:
+    cursor.execute(f"SELECT * FROM {table} ORDER BY last_seen, rowid")
+    rows = []
+    for row in cursor.fetchall():
+        record = {key: row[key] for key in row.keys() if key != "params"}
+        record["params"] = json.loads(row["params"])
+        rows.append(record)
+    return rows

@@ -81,11 +81,25 @@ def locate_output(spec: OutputFile, workdir: Path) -> Path:
     return path
 
 
-async def describe_outputs(job: Job, workdir: Path, in_thread: ThreadRunner) -> list[ReportedFile]:
-    """Size and adler32 of every output of ``job``; outputs get fresh GUIDs."""
+async def describe_outputs(
+    job: Job, workdir: Path, in_thread: ThreadRunner, *, max_size: int | None = None
+) -> list[ReportedFile]:
+    """Size and adler32 of every output of ``job``; outputs get fresh GUIDs.
+
+    An empty output (EMPTYOUTPUTFILE) or one above ``max_size`` (OUTPUTFILETOOLARGE)
+    fails the job before anything is checksummed or stored.
+    """
     reported: list[ReportedFile] = []
     for spec in job.outputs:
         path = locate_output(spec, workdir)
+        size = (await in_thread(os.stat, path)).st_size
+        if size == 0:
+            raise PilotError(ErrorCode.EMPTYOUTPUTFILE, f"output {spec.lfn} is empty")
+        if max_size is not None and size > max_size:
+            raise PilotError(
+                ErrorCode.OUTPUTFILETOOLARGE,
+                f"output {spec.lfn} is {size / 1e9:.1f} GB (limit {max_size / 1e9:.0f} GB)",
+            )
         facts = await in_thread(file_facts, path)
         reported.append(ReportedFile(spec.lfn, spec.guid or str(uuid.uuid4()), facts, path))
     return reported

@@ -19,6 +19,7 @@ import datetime
 import json
 import resource
 import shutil
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,11 +37,14 @@ from pilot.job.heartbeat import Heartbeat
 from pilot.job.logtarball import create_log_tarball
 from pilot.job.model import Job, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
 from pilot.job.outputs import ReportedFile, ThreadRunner, describe_outputs, job_output_report
+from pilot.job.payload_analysis import PayloadAnalysis, analyse_payload
 from pilot.job.reporter import FinalUpdateLost, JobReporter, PilotIdentity
 from pilot.job.staging import JobStaging, StagingSetup
 from pilot.job.states import JobLifecycle, JobPhase, ServerState, final_server_state
 from pilot.job.transformation import download_sources, fetch_transformation
 from pilot.logs import pilot_observer
+from pilot.monitor.status import StatusFile
+from pilot.monitor.watcher import JobMonitor, Limits, MonitorReport, monitor_update_fields, newest_file_tail
 from pilot.process.environment import payload_environment
 from pilot.process.runner import (
     OS_PROCESS_CONTROL,
@@ -75,6 +79,8 @@ class JobEnvironment:
     on_softkill: Callable[[], None] = lambda: None
     process_control: ProcessControl = OS_PROCESS_CONTROL
     staging: StagingSetup = field(default_factory=StagingSetup)
+    status: StatusFile | None = None
+    wall: Callable[[], float] = time.time
 
 
 @dataclass
@@ -142,6 +148,9 @@ class JobRun:
         self._reported: list[ReportedFile] = []
         self._transformation = ""
         self._staging: JobStaging | None = None
+        self._monitor: JobMonitor | None = None
+        self._monitor_report: MonitorReport | None = None
+        self._analysis: PayloadAnalysis | None = None
 
     # -- control from outside ------------------------------------------------------
 
@@ -239,11 +248,37 @@ class JobRun:
 
     def _advance(self, phase: JobPhase) -> ServerState | None:
         assert self._lifecycle is not None
-        return self._lifecycle.advance(phase)
+        state = self._lifecycle.advance(phase)
+        self._publish_status()
+        return state
+
+    def _publish_status(self) -> None:
+        """Refresh the job's section of the pilot's status file (if there is one)."""
+        status = self.env.status
+        if status is None or self._lifecycle is None:
+            return
+        section: dict[str, Any] = {
+            "pandaid": self.summary.panda_id,
+            "phase": self._lifecycle.phase.value,
+            "since": _utc(self.env.clock.seconds()),
+            "workdir": self.summary.workdir,
+            "debug": bool(self._heartbeat and self._heartbeat.debug),
+        }
+        monitor = self._monitor
+        if monitor is not None and monitor.samples:
+            section["usage"] = asdict(monitor.samples[-1])
+            section["idle_seconds"] = round(monitor.idle)
+        if self._staging is not None and self._staging.metrics.transfers:
+            section["last_transfer"] = self._staging.metrics.transfers[-1]
+        first = self.errors.first
+        if first is not None:
+            section["error"] = {"code": int(first.code), "name": first.code.name, "diag": first.diag}
+        status.update(job=section)
 
     async def _setup(self, job: Job) -> None:
         state = self._advance(JobPhase.SETUP)
         self.workdir = self._make_workdir(job)
+        await self._check_free_space(self.workdir)
         self._staging = JobStaging(
             job,
             self.workdir,
@@ -272,6 +307,19 @@ class JobRun:
                 fetch_transformation(sources, workdir, lambda url: self.env.client.get_bytes(url))
             )
             self._transformation = f"./{path.name}"
+
+    async def _check_free_space(self, workdir: Path) -> None:
+        """A job needs ``min_free_start`` bytes free before it starts (2 GB by default)."""
+        needed = self.env.config.monitor.min_free_start
+        try:
+            free = (await self.env.in_thread(shutil.disk_usage, workdir)).free
+        except OSError:
+            return
+        if free < needed:
+            raise PilotError(
+                ErrorCode.NOLOCALSPACE,
+                f"{free / 1e9:.2f} GB free for the job, {needed / 1e9:.2f} GB needed before it starts",
+            )
 
     def _make_workdir(self, job: Job) -> Path:
         workdir = self.env.pilot_dir / f"PanDA_Pilot-{job.panda_id}"
@@ -320,6 +368,7 @@ class JobRun:
         except ProcessStartError as exc:
             raise PilotError(ErrorCode.PAYLOADEXECUTIONFAILURE, str(exc)) from None
         self._process = process
+        self._start_monitor(job, workdir, pid)
         self.log.info(
             "job {pandaid}: payload started as pid {pid}",
             pandaid=job.panda_id,
@@ -331,6 +380,8 @@ class JobRun:
             self._background(self._send(state))
         outcome = await process.wait()
         self._outcome = outcome
+        if self._monitor is not None:
+            self._monitor_report = await self._monitor.stop()
         self._payload_cpu = max(0.0, _children_cpu_seconds() - self._cpu_at_start)
         self.summary.exit_code = outcome.shell_status
         self.log.info(
@@ -341,20 +392,51 @@ class JobRun:
             wall=outcome.wall_time,
             event="job.payload_end",
         )
+        self._analysis = await self.env.in_thread(analyse_payload, outcome.exit_code, outcome.signal, workdir)
         if outcome.terminated_by_pilot:
             raise CancelledError()
         if outcome.signal is not None:
             raise PilotError(error_for_signal(outcome.signal), f"payload killed by signal {outcome.signal}")
+        found = self._analysis.pilot_error
         if outcome.exit_code != 0:
+            if found is not None:
+                raise PilotError(found[0], found[1])
             raise PilotError(
                 ErrorCode.PAYLOADEXECUTIONFAILURE, f"payload exited with code {outcome.exit_code}"
             )
+
+    def _start_monitor(self, job: Job, workdir: Path, pid: int) -> None:
+        settings = self.env.config.monitor
+        now = self.env.clock.seconds()
+        limits = Limits.for_job(
+            job, self.env.queuedata, settings,
+            started=now, environ=self.env.pilot_environ, now=now, wall_now=self.env.wall(),
+        )  # fmt: skip
+        staged = self._staging.staged_in if self._staging is not None else ()
+        self._monitor = JobMonitor(
+            clock=self.env.clock,
+            in_thread=self.env.in_thread,
+            settings=settings,
+            limits=limits,
+            workdir=workdir,
+            pid=pid,
+            abort=lambda code, diag: self.abort(code, diag, keep_log=True),
+            panda_id=job.panda_id,
+            debug=self._heartbeat.debug if self._heartbeat is not None else job.is_debug,
+            skip=tuple(workdir / name for name in staged),
+            wall=self.env.wall,
+        )
+        self._monitor.start()
 
     async def _stage_out(self, job: Job) -> None:
         assert self.workdir is not None
         self._advance(JobPhase.STAGEOUT)
         assert self._staging is not None
-        described = await self._guard(describe_outputs(job, self.workdir, self.env.in_thread))
+        described = await self._guard(
+            describe_outputs(
+                job, self.workdir, self.env.in_thread, max_size=self.env.config.monitor.max_output_size
+            )
+        )
         self._reported = await self._guard(self._staging.stage_out(described))
 
     async def _make_log_tarball(self, job: Job) -> ReportedFile | None:
@@ -422,7 +504,14 @@ class JobRun:
         metrics = f"coreCount={job.core_count}"
         if self._staging is not None and self._staging.metrics.job_metrics():
             metrics += " " + self._staging.metrics.job_metrics()
+        analysis = self._analysis or PayloadAnalysis()
+        for key, value in analysis.job_metrics.items():
+            metrics += f" {key}={value}"
+        usage = monitor_update_fields(self._monitor_report.fields if self._monitor_report else {})
+        if self._max_rss_kb and not usage.get("max_rss"):
+            usage["max_rss"] = self._max_rss_kb
         return JobUpdate(
+            **usage,
             job_id=job.panda_id,
             state=state.value,
             trans_exit_code=outcome.shell_status if outcome is not None else None,
@@ -437,7 +526,10 @@ class JobRun:
             n_input_files=len(job.inputs),
             job_metrics=metrics,
             job_output_report=job_output_report(self._reported) if self._reported else None,
-            max_rss=self._max_rss_kb or None,
+            exe_error_code=analysis.exe_error_code,
+            exe_error_diag=analysis.exe_error_diag,
+            n_events=analysis.n_events,
+            meta_data=analysis.meta_data,
         )
 
     async def _send_final(self, job: Job, state: ServerState) -> None:
@@ -510,20 +602,35 @@ class JobRun:
         state = self._lifecycle.heartbeat_state
         if state is None or self._reporter.busy:
             return
-        fields = JobUpdate(job_id=self.job.panda_id, state=state.value, core_count=self.job.core_count)
+        extra: dict[str, Any] = {}
         process = self._process
+        monitor = self._monitor
         if process is not None and process.running and process.pid is not None:
-            usage = tree_usage(process.pid)
-            self._max_rss_kb = max(self._max_rss_kb, usage.rss_kb)
-            fields = JobUpdate(
-                job_id=self.job.panda_id,
-                state=state.value,
-                core_count=self.job.core_count,
-                cpu_consumption_time=int(usage.cpu_seconds),
-                cpu_consumption_unit="s",
-                max_rss=self._max_rss_kb or None,
-            )
+            if monitor is not None and monitor.samples:
+                extra.update(monitor_update_fields(monitor.current_fields()))
+                last = monitor.samples[-1]
+                extra["cpu_consumption_time"] = int(last.utime + last.stime)
+            else:
+                usage = tree_usage(process.pid)
+                self._max_rss_kb = max(self._max_rss_kb, usage.rss_kb)
+                extra["cpu_consumption_time"] = int(usage.cpu_seconds)
+                extra["max_rss"] = self._max_rss_kb or None
+            extra["cpu_consumption_unit"] = "s"
+        if self._heartbeat is not None and self._heartbeat.debug and self.workdir is not None:
+            extra["stdout"] = await self._debug_tail()
+        fields = JobUpdate(
+            job_id=self.job.panda_id, state=state.value, core_count=self.job.core_count, **extra
+        )
+        self._publish_status()
         await self._send(state, fields)
+
+    async def _debug_tail(self) -> str:
+        """What the operator sees of the job in debug mode: the newest file's end, redacted."""
+        assert self.workdir is not None
+        if self._monitor is not None:
+            return await self._monitor.debug_tail()
+        settings = self.env.config.monitor
+        return await self.env.in_thread(newest_file_tail, self.workdir, settings.debug_tail_bytes)
 
     def _handle_commands(self, result: UpdateResult) -> None:
         commands = set(result.commands)
@@ -534,11 +641,12 @@ class JobRun:
             self.abort(ErrorCode.FAILEDBYSERVER, "the server has already ended this job", keep_log=False)
         if "softkill" in commands:
             self.env.on_softkill()
-        if self._heartbeat is not None:
-            if "debug" in commands:
-                self._heartbeat.set_debug(True)
-            elif "debugoff" in commands:
-                self._heartbeat.set_debug(False)
+        debug: bool | None = True if "debug" in commands else False if "debugoff" in commands else None
+        if debug is not None:
+            if self._heartbeat is not None:
+                self._heartbeat.set_debug(debug)
+            if self._monitor is not None:
+                self._monitor.set_debug(debug)
 
     # -- bookkeeping ---------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import platform
 import random
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -444,6 +444,23 @@ def parse_update_reply(document: Mapping[str, Any], api: ApiMode) -> UpdateResul
     )
 
 
+def parse_report_reply(document: Mapping[str, Any], what: str) -> UpdateResult:
+    """A v1 reply of a report without a job (``update_worker_node``, ``update_worker_node_gpu``).
+
+    These replies carry no ``data`` (``{"success": true, "message": "Inserted new worker
+    node.", "data": null}``), so the outcome is ``success``; a failure's message is mapped
+    to the StatusCode the legacy API would have used, as for the other v1 calls.
+    """
+    success, message, data = _v1_envelope(document, what)
+    if isinstance(data, dict) and "StatusCode" in data:
+        status = _status_code(data["StatusCode"], what)
+    else:
+        status = StatusCode.SUCCESS if success else _v1_failure_status(message)
+    if not success and status is StatusCode.SUCCESS:
+        status = StatusCode.FAILED
+    return UpdateResult(status, (), message)
+
+
 # ------------------------------------------------------------------------------------
 # Transport
 
@@ -556,6 +573,23 @@ class PandaClient:
         )
         return parse_update_reply(document, api)
 
+    async def update_worker_node(
+        self, fields: Mapping[str, Any], *, retry: RetryPolicy | None = None, timeout: float | None = None
+    ) -> UpdateResult:
+        """Report the worker node's hardware (``/api/v1/pilot/update_worker_node``, v1 only).
+
+        ``fields`` are the endpoint's parameters with the Python types its type check
+        demands (``clock_speed`` a float, counts and sizes ints).  Raises ``MethodNotFound``
+        at once when the client speaks the legacy API, which has no such method.
+        """
+        return await self._v1_report("pilot/update_worker_node", fields, retry, timeout)
+
+    async def update_worker_node_gpu(
+        self, fields: Mapping[str, Any], *, retry: RetryPolicy | None = None, timeout: float | None = None
+    ) -> UpdateResult:
+        """Report one GPU model of the worker node (``/api/v1/pilot/update_worker_node_gpu``, v1 only)."""
+        return await self._v1_report("pilot/update_worker_node_gpu", fields, retry, timeout)
+
     async def get_bytes(
         self,
         url: str,
@@ -617,6 +651,20 @@ class PandaClient:
             methods, params(ApiMode.LEGACY), ApiMode.LEGACY, retry, timeout, idempotent
         )
         return document, ApiMode.LEGACY
+
+    async def _v1_report(
+        self, method: str, fields: Mapping[str, Any], retry: RetryPolicy | None, timeout: float | None
+    ) -> UpdateResult:
+        # Not through _call: a v1-only method the server lacks says nothing about the API
+        # generation for the job calls, so it must not switch an AUTO client to legacy.
+        if self._api is ApiMode.LEGACY:
+            raise MethodNotFound(f"{method}: the legacy API has no such method", 0)
+        # An idempotent upsert that nothing waits for: a couple of attempts are enough.
+        policy = retry or replace(self.retry, attempts=min(self.retry.attempts, _REPORT_ATTEMPTS))
+        document = await self._post(
+            (method.rsplit("/", 1)[-1], method), dict(fields), ApiMode.V1, policy, timeout, True
+        )
+        return parse_report_reply(document, method)
 
     async def _post(
         self,
@@ -727,6 +775,10 @@ class PandaClient:
                 event="server.retry",
             )
             await deferLater(self._clock, delay, lambda: None)
+
+
+#: Attempts for reports nothing depends on (worker node, GPUs) unless a policy is given.
+_REPORT_ATTEMPTS = 2
 
 
 class _RetryableStatus(Exception):

@@ -27,7 +27,6 @@ from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
 from pilot.interfaces import ICopyTool
-from pilot.job.model import Checksum
 from pilot.staging.credentials import S3Keys
 from pilot.staging.tools.base import ToolContext
 from pilot.staging.tools.streaming import CountingReader, download_body
@@ -130,9 +129,7 @@ class S3Tool:
             body = (await treq.content(response))[:300].decode("utf-8", errors="replace")
             raise self._error(response.code, body, request)
         sink = await download_body(response, request.local, request.progress)
-        return CopyResult(
-            local_checksum=sink.adler32, remote_url=request.remote
-        )
+        return CopyResult(local_checksum=sink.adler32, remote_url=request.remote)
 
     async def _put(self, request: CopyRequest, context: ToolContext) -> CopyResult:
         assert context.http is not None, "S3 needs an HTTP client"

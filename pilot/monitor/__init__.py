@@ -1,0 +1,1 @@
+"""Watching a running payload: resource samples, limits, live debugging, status."""

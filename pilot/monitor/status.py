@@ -1,0 +1,73 @@
+"""The pilot's status file: what it is doing now, readable on the node without the server.
+
+``<pilot dir>/pilot_status.json`` is rewritten (atomically: temporary file + rename)
+on every job state change and heartbeat.  Site admins ``cat`` it, or tools poll it; it
+holds the current job, its state and phase, its resource use and the last transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from pilot.job.outputs import ThreadRunner
+
+STATUS_NAME = "pilot_status.json"
+
+
+def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
+    """Write ``document`` so that a reader sees the old or the new file, never half of one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w") as handle:
+        json.dump(document, handle, indent=1, sort_keys=True, default=str)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+class StatusFile:
+    """Merges updates into one document and writes it off the reactor thread, in order."""
+
+    def __init__(self, path: Path, in_thread: ThreadRunner) -> None:
+        self.path = path
+        self._in_thread = in_thread
+        self._document: dict[str, Any] = {}
+        self._writing: Deferred[None] | None = None
+        self._dirty = False
+
+    @property
+    def document(self) -> dict[str, Any]:
+        return self._document
+
+    def update(self, **sections: Any) -> None:
+        """Replace the given top-level sections (``None`` removes one) and schedule a write."""
+        for key, value in sections.items():
+            if value is None:
+                self._document.pop(key, None)
+            else:
+                self._document[key] = value
+        self._dirty = True
+        if self._writing is None:
+            writing = Deferred.fromCoroutine(self._flush())
+            self._writing = None if writing.called else writing
+
+    async def _flush(self) -> None:
+        try:
+            while self._dirty:
+                self._dirty = False
+                snapshot = json.loads(json.dumps(self._document, default=str))
+                try:
+                    await self._in_thread(write_json_atomically, self.path, snapshot)
+                except OSError:
+                    return  # a status file is a convenience: never fail a job for it
+        finally:
+            self._writing = None
+
+    async def flushed(self) -> None:
+        """Wait until everything updated so far is on disk."""
+        while self._writing is not None:
+            await self._writing
