@@ -42,7 +42,7 @@ class MonitoringBenchSmokeTests(TestCase):
         from bench import monitoring
 
         run_dir = Path(self.mktemp()).absolute() / "monitoring"
-        args = argparse.Namespace(seconds=2.0, dir=str(run_dir), check_targets=False)
+        args = argparse.Namespace(seconds=2.0, dir=str(run_dir), check_targets=False, heartbeat_seconds=1.0)
         await monitoring.main_async(reactor, args)
         results = json.loads((run_dir.parent / "monitoring.json").read_text())
         self.assertEqual(results["files"], 1000)

@@ -232,3 +232,71 @@ class DebugModeTests(TestCase):
         self.assertEqual(status["job"]["phase"], "running")
         self.assertTrue(status["job"]["debug"])
         self.assertEqual(status["pilot"]["queue"], QUEUE)
+
+
+#: A stand-in for HSF prmon (not packaged for Debian): it takes prmon's options, writes
+#: prmon's two files while the watched pid lives, and on SIGUSR1 writes its summary
+#: and exits, as prmon does.  Its argv goes to ``prmon.argv.json`` for the test to check.
+STAND_IN_PRMON = r"""#!/usr/bin/env python3
+import json, os, signal, sys, time
+args = sys.argv[1:]
+opts = dict(zip(args[::2], args[1::2]))
+with open("prmon.argv.json", "w") as handle:  # in its working directory
+    json.dump(sys.argv[1:], handle)
+def finish(*_):
+    summary = {"Max": {"pss": 77777, "rss": 88888, "vmem": 99999, "swap": 0, "rchar": 5, "wchar": 6,
+                       "read_bytes": 7, "write_bytes": 8},
+               "Avg": {"pss": 11111, "rss": 22222, "vmem": 33333, "swap": 0}}
+    with open(opts["--json-summary"], "w") as handle:
+        json.dump(summary, handle)
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, finish)
+with open(opts["--filename"], "w") as handle:
+    handle.write("Time\twtime\tpss\n")
+    while True:
+        try:
+            os.kill(int(opts["--pid"]), 0)
+        except ProcessLookupError:
+            finish()
+        handle.write(f"{int(time.time())}\t0\t1\n")
+        handle.flush()
+        time.sleep(0.05)
+"""
+
+
+class ExternalPrmonTests(TestCase):
+    timeout = 60
+
+    async def test_queue_asks_for_prmon(self) -> None:
+        base = Path(self.mktemp()).absolute()
+        bin_dir = base / "bin"
+        bin_dir.mkdir(parents=True)
+        prmon = bin_dir / "prmon"
+        prmon.write_text(STAND_IN_PRMON)
+        prmon.chmod(0o755)
+        queue = {"timefloor": 10, "params": {"memory_monitor": "prmon"}}
+        server = await start_dev_server(reactor, base / "server", queues={QUEUE: queue})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        (panda_id,) = await server.submit([job("-c 'sleep 1'")])
+        environ = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        service = pilot_service(
+            server, QUEUE, base / "pilot", monitor=MonitorSettings(**FAST), getjob_requests=1,
+            environ=environ, keep_workdirs=KeepWorkdirs.ALL,
+        )  # fmt: skip
+        await run_to_end(service)
+        view = await server.job(panda_id)
+        self.assertEqual(view["jobStatus"], "finished", view.get("pilotErrorDiag"))
+        self.assertEqual(final_param(view, "max_pss"), 77777, "prmon's summary gives the memory fields")
+        self.assertEqual(final_param(view, "avg_rss"), 22222)
+        assert service.pilot_dir is not None
+        workdir = service.pilot_dir / f"PanDA_Pilot-{panda_id}"
+        argv = json.loads((workdir / "prmon.argv.json").read_text())
+        self.assertEqual(
+            argv,
+            ["--pid", argv[1], "--filename", "memory_monitor_output.txt",
+             "--json-summary", "memory_monitor_summary.json", "--interval", "1"],
+        )  # fmt: skip
+        self.assertEqual(
+            json.loads((workdir / "memory_monitor_summary.json").read_text())["Max"]["pss"], 77777
+        )
+        self.assertTrue((workdir / "memory_monitor_plot.svg").exists(), "the plot comes from our own samples")

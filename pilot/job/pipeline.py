@@ -21,7 +21,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +43,8 @@ from pilot.job.staging import JobStaging, StagingSetup
 from pilot.job.states import JobLifecycle, JobPhase, ServerState, final_server_state
 from pilot.job.transformation import download_sources, fetch_transformation
 from pilot.logs import pilot_observer
+from pilot.monitor import prmon_output
+from pilot.monitor.prmon_process import ExternalPrmon, find_prmon, prmon_requested
 from pilot.monitor.status import StatusFile
 from pilot.monitor.watcher import JobMonitor, Limits, MonitorReport, monitor_update_fields, newest_file_tail
 from pilot.process.environment import payload_environment
@@ -151,6 +153,7 @@ class JobRun:
         self._monitor: JobMonitor | None = None
         self._monitor_report: MonitorReport | None = None
         self._analysis: PayloadAnalysis | None = None
+        self._prmon: ExternalPrmon | None = None
 
     # -- control from outside ------------------------------------------------------
 
@@ -368,7 +371,7 @@ class JobRun:
         except ProcessStartError as exc:
             raise PilotError(ErrorCode.PAYLOADEXECUTIONFAILURE, str(exc)) from None
         self._process = process
-        self._start_monitor(job, workdir, pid)
+        await self._start_monitor(job, workdir, pid, environ)
         self.log.info(
             "job {pandaid}: payload started as pid {pid}",
             pandaid=job.panda_id,
@@ -380,8 +383,7 @@ class JobRun:
             self._background(self._send(state))
         outcome = await process.wait()
         self._outcome = outcome
-        if self._monitor is not None:
-            self._monitor_report = await self._monitor.stop()
+        await self._stop_monitor()
         self._payload_cpu = max(0.0, _children_cpu_seconds() - self._cpu_at_start)
         self.summary.exit_code = outcome.shell_status
         self.log.info(
@@ -405,8 +407,17 @@ class JobRun:
                 ErrorCode.PAYLOADEXECUTIONFAILURE, f"payload exited with code {outcome.exit_code}"
             )
 
-    def _start_monitor(self, job: Job, workdir: Path, pid: int) -> None:
+    async def _start_monitor(self, job: Job, workdir: Path, pid: int, environ: Mapping[str, str]) -> None:
         settings = self.env.config.monitor
+        program = (
+            find_prmon(environ) if settings.allow_prmon and prmon_requested(self.env.queuedata) else None
+        )
+        if program is not None:
+            prmon = ExternalPrmon(
+                self.env.spawner, self.env.clock, program, workdir, environ=environ,
+                interval=settings.memory_interval, control=self.env.process_control,
+            )  # fmt: skip
+            self._prmon = prmon if prmon.start(pid) else None
         now = self.env.clock.seconds()
         limits = Limits.for_job(
             job, self.env.queuedata, settings,
@@ -425,8 +436,19 @@ class JobRun:
             debug=self._heartbeat.debug if self._heartbeat is not None else job.is_debug,
             skip=tuple(workdir / name for name in staged),
             wall=self.env.wall,
+            write_files=self._prmon is None,
         )
         self._monitor.start()
+
+    async def _stop_monitor(self) -> None:
+        """Stop the monitors; an external prmon's summary, if any, gives the memory fields."""
+        if self._monitor is not None:
+            self._monitor_report = await self._monitor.stop()
+        if self._prmon is not None:
+            summary = await self._prmon.stop(self.env.in_thread)
+            if summary is not None and self._monitor_report is not None:
+                fields = prmon_output.pilot_fields(summary)
+                self._monitor_report = replace(self._monitor_report, fields=fields)
 
     async def _stage_out(self, job: Job) -> None:
         assert self.workdir is not None

@@ -124,7 +124,7 @@ class JobMonitor:
         abort: Abort,
         panda_id: int,
         debug: bool = False,
-        write_files: bool = True,
+        write_files: bool = True,  # False when an external prmon writes the prmon files
         sampler: TreeSampler | None = None,
         skip: tuple[Path, ...] = (),
         wall: Callable[[], float] = time.time,
@@ -202,8 +202,7 @@ class JobMonitor:
             self._walltime.cancel()
         for pending in list(self._pending):
             await pending
-        if self.write_files:
-            await self.in_thread(self._write_final)
+        await self.in_thread(self._write_final)
         self._series.close()
         summary = prmon_output.summarise(self.samples)
         return MonitorReport(
@@ -214,8 +213,9 @@ class JobMonitor:
 
     def _write_final(self) -> None:
         try:
-            summary = prmon_output.summarise(self.samples)
-            prmon_output.write_summary(self.workdir / prmon_output.SUMMARY_NAME, summary)
+            if self.write_files:
+                summary = prmon_output.summarise(self.samples)
+                prmon_output.write_summary(self.workdir / prmon_output.SUMMARY_NAME, summary)
             write_plot(self.workdir / PLOT_NAME, self.samples, f"PanDA job {self.panda_id}")
         except OSError as exc:
             self.log.warn("cannot write the monitor summary: {error}", error=exc)

@@ -266,8 +266,8 @@ class ManagedProcess:
             self._waiters.append(waiter)
         return waiter
 
-    def terminate(self, reason: str = "") -> Deferred[ProcessOutcome]:
-        """SIGTERM the group now, SIGKILL after ``kill_grace``; fires when it has ended."""
+    def terminate(self, reason: str = "", *, signum: int = signal.SIGTERM) -> Deferred[ProcessOutcome]:
+        """``signum`` (SIGTERM) to the group now, SIGKILL after ``kill_grace``; fires when it has ended."""
         if self._outcome is None and self._transport is not None and not self._terminating:
             self._terminating = True
             self.log.info(
@@ -278,7 +278,7 @@ class ManagedProcess:
                 event="process.terminate",
             )
             self._remember_descendants()
-            self._signal_all(signal.SIGTERM)
+            self._signal_all(signum)
             self._kill_call = self._clock.callLater(self.kill_grace, self._escalate)
         return self.wait()
 
