@@ -19,6 +19,10 @@ from pilot.job.model import Job
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from pilot.container.spec import ContainerSpec, Launch
+    from pilot.job.payload_analysis import PayloadAnalysis
+    from pilot.job.processes import UtilitySpec
+    from pilot.queuedata import QueueData
     from pilot.staging.tools.base import ToolContext
     from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 
@@ -46,6 +50,54 @@ class IExperiment(Interface):
         ``catalog`` is the ``PoolFileCatalog.xml`` listing every input (local path
         or, for direct access, remote URL); ``turls`` maps the LFNs read remotely
         to their URLs.
+        """
+
+    def adjust_queuedata(queuedata: QueueData) -> QueueData:
+        """The queue configuration as this experiment wants it (called once, at start-up)."""
+
+    def verify_setup(job: Job, workdir: Path) -> str | None:
+        """Check that the job can run here before anything is staged; a problem's text or None.
+
+        A problem fails the job with SETUPFAILURE (e.g. a release that is not installed).
+        Runs in a worker thread: it may look at the file system, never at the network.
+        """
+
+    def utilities(job: Job, queuedata: QueueData, workdir: Path) -> Sequence[UtilitySpec]:
+        """Utility processes to run before, with or after the payload (see ``UtilitySpec``)."""
+
+    def analyse_payload(job: Job, workdir: Path, analysis: PayloadAnalysis) -> PayloadAnalysis:
+        """Refine the generic analysis of the payload's exit, output and job report."""
+
+    def log_tarball_name(job: Job) -> str:
+        """The log tarball's file name (PanDA's ``logFile`` unless the experiment knows better)."""
+
+    def file_catalog_name(job: Job) -> str:
+        """The name of the input file catalogue written in the work directory."""
+
+    def container_runtime(role: str, job: Job, queuedata: QueueData) -> str | None:
+        """The runtime (``bubblewrap``, ``apptainer``...) for a process role, or None for none.
+
+        Roles are ``pilot.container.spec.ROLES``.  The generic answer reads the queue's
+        ``container_type`` (``runtime:role;...``) and the job's image.
+        """
+
+    def container_image(job: Job, queuedata: QueueData) -> str | None:
+        """The image for image-based runtimes (``--containerImage`` in jobPars, ``container_name``)."""
+
+
+class IContainerRuntime(Interface):
+    """A way of running one process in a container (``pilot.container``)."""
+
+    name = Attribute("The runtime's name as used in container_type (str).")
+
+    def available(environ: Mapping[str, str]) -> bool:
+        """Whether the runtime's executable is installed (on ``environ``'s PATH)."""
+
+    def wrap(spec: ContainerSpec, environ: Mapping[str, str]) -> Launch:
+        """The launcher argv and environment that run ``spec`` in a container.
+
+        ``environ`` is the pilot's environment (to find executables).  Secrets in
+        ``spec.env`` must never end up on the launcher's command line.
         """
 
 

@@ -34,6 +34,7 @@ def pilot_service(
     **settings: Any,
 ) -> PilotService:
     """A PilotService wired as ``pilot.tap`` wires it, against ``server`` over TLS."""
+    settings_experiment = settings.pop("experiment", None)
     credentials = credentials or Credentials(cacert=server.pki.ca_cert, proxy=server.pki.client_proxy)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.cachedConnectionTimeout = 4
@@ -61,7 +62,7 @@ def pilot_service(
         clock=reactor,
         spawner=reactor,
         client=client,
-        experiment=GenericExperiment(),
+        experiment=settings_experiment or GenericExperiment(),
         in_thread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
         environ=environ or {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
         close_connections=pool.closeCachedConnections,

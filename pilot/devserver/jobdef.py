@@ -18,6 +18,7 @@ for input files that have none.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -96,6 +97,9 @@ FLAGS_BEFORE_IO = (
 )
 IO_KEYS = ("ioIntensity", "ioIntensityUnit")
 FLAGS_AFTER_IO = ("isHPO", "useVP", "onSiteMerging")
+#: Job fields pilots read when present (pilot3's job data), passed through as submitted:
+#: the HPO steps as JSON text, the job's secrets (``pandasecrets``) as JSON text.
+PASSTHROUGH_KEYS = ("preprocess", "coprocess", "postprocess", "secrets")
 
 #: Flags sent as the string "True" when set.
 _TRUE_FLAGS = frozenset(
@@ -176,6 +180,7 @@ ACCEPTED_KEYS = frozenset(
         *_STRING_FLAGS,
         "loopingCheck",
         "allowNoOutput",
+        *PASSTHROUGH_KEYS,
     }
 )
 
@@ -285,6 +290,11 @@ def normalise_job(
         if value is not None and not isinstance(value, str | int | float):
             raise JobDefinitionError(f"{key} must be a string or a number")
         wire[key] = value
+    for key in PASSTHROUGH_KEYS:
+        value = job.get(key)
+        if value is None:
+            continue
+        wire[key] = value if isinstance(value, str) else json.dumps(value)
 
     return JobDefinition(
         panda_id=nullable["PandaID"],
@@ -328,6 +338,9 @@ def render_job(
     for key in IO_KEYS:
         job[key] = wire.get(key)
     for key in FLAGS_AFTER_IO:
+        if key in wire:
+            job[key] = wire[key]
+    for key in PASSTHROUGH_KEYS:
         if key in wire:
             job[key] = wire[key]
     return job

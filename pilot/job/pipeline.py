@@ -33,7 +33,18 @@ from pilot.config import KeepWorkdirs, PilotConfig
 from pilot.errorcodes import ErrorCode
 from pilot.errors import JobErrors, PilotError, error_for_signal
 from pilot.interfaces import IExperiment
+from pilot.job.composition import (
+    HPO_LOOP_END,
+    ProcessRecord,
+    Step,
+    Utility,
+    fetch_step,
+    parse_steps,
+    step_argv,
+)
+from pilot.job.credentials import SECRETS_DIR, remove_job_credentials, write_job_credentials
 from pilot.job.heartbeat import Heartbeat
+from pilot.job.launcher import ProcessLauncher
 from pilot.job.logtarball import create_log_tarball
 from pilot.job.model import Job, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
 from pilot.job.outputs import ReportedFile, ThreadRunner, describe_outputs, job_output_report
@@ -102,6 +113,8 @@ class JobSummary:
     workdir: str = ""
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     transfers: list[dict[str, Any]] = field(default_factory=list)
+    processes: list[ProcessRecord] = field(default_factory=list)
+    runtimes: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -342,29 +355,149 @@ class JobRun:
         await self._guard(self._staging.stage_in())
 
     async def _execute(self, job: Job) -> None:
+        """Pre-process, payload with co-process and utilities, post-process (``composition``)."""
         assert self.workdir is not None
         if self._aborted:
             raise CancelledError()
         workdir = self.workdir
         experiment = self.env.experiment
+        problem = await self.env.in_thread(experiment.verify_setup, job, workdir)
+        if problem:
+            raise PilotError(ErrorCode.SETUPFAILURE, problem)
+        steps = parse_steps(job)
+        for name, step in list(steps.items()):
+            if step.is_url:
+                steps[name], _digest = await self._guard(fetch_step(step, workdir, self.env.client.get_bytes))
         command = experiment.payload_command(job, self._transformation, workdir)
         base_env = payload_environment(job, workdir, self.env.pilot_environ, self.env.queuedata.environ)
         environ = experiment.payload_environment(job, workdir, base_env)
         staging = self._staging
         if staging is not None and staging.catalog is not None:
             environ.update(experiment.input_environment(job, staging.catalog, staging.turls))
-        process = ManagedProcess(
-            self.env.spawner,
-            self.env.clock,
-            ["/bin/bash", "-c", command],
-            env=environ,
-            cwd=workdir,
-            stdout=workdir / "payload.stdout",
-            stderr=workdir / "payload.stderr",
+        environ.update(await self.env.in_thread(write_job_credentials, job, workdir))
+        launcher = self._make_launcher(job, workdir)
+        utilities = [
+            Utility(
+                spec=spec,
+                start_process=self._utility_starter(launcher, spec.name, environ),
+                clock=self.env.clock,
+                record=self._record(spec.name, "utility"),
+            )
+            for spec in experiment.utilities(job, self.env.queuedata, workdir)
+        ]
+        try:
+            for utility in utilities:
+                if utility.spec.when == "before":
+                    utility.start()
+            if "preprocess" in steps and not await self._preprocess(launcher, steps["preprocess"], environ):
+                return
+            await self._run_payload(job, launcher, command, environ, steps.get("coprocess"), utilities)
+            if "postprocess" in steps:
+                await self._postprocess(launcher, steps["postprocess"], environ)
+            for utility in utilities:
+                if utility.spec.when == "after":
+                    utility.start()
+                    if utility.process is not None:
+                        self._process = utility.process
+                        await utility.process.wait()
+        finally:
+            for utility in utilities:
+                await utility.stop()
+            await self.env.in_thread(remove_job_credentials, workdir)
+            self.summary.runtimes = dict(launcher.runtimes_used)
+
+    def _make_launcher(self, job: Job, workdir: Path) -> ProcessLauncher:
+        credentials = self.env.config.credentials
+        hidden = [self.env.pilot_dir / "logs", *(p for p in (credentials.proxy, credentials.token_file) if p)]
+        return ProcessLauncher(
+            spawner=self.env.spawner,
+            clock=self.env.clock,
+            job=job,
+            workdir=workdir,
+            experiment=self.env.experiment,
+            queuedata=self.env.queuedata,
+            pilot_environ=self.env.pilot_environ,
+            hidden=[self.env.pilot_dir, *hidden],
             kill_grace=self.env.config.kill_grace,
-            name=f"payload of job {job.panda_id}",
             control=self.env.process_control,
         )
+
+    def _record(self, name: str, role: str) -> ProcessRecord:
+        record = ProcessRecord(name=name, role=role, stdout=f"{name}.stdout", stderr=f"{name}.stderr")
+        self.summary.processes.append(record)
+        return record
+
+    def _utility_starter(
+        self, launcher: ProcessLauncher, name: str, environ: Mapping[str, str]
+    ) -> Callable[[list[str]], ManagedProcess]:
+        def start(argv: list[str]) -> ManagedProcess:
+            return launcher.start("utility", name, argv, environ, failure=ErrorCode.PAYLOADEXECUTIONFAILURE)
+
+        return start
+
+    async def _run_step(
+        self, launcher: ProcessLauncher, step: Step, environ: Mapping[str, str], failure: ErrorCode
+    ) -> ProcessOutcome:
+        record = self._record(step.name, step.name)
+        process = launcher.start(step.name, step.name, step_argv(step), environ, failure=failure)
+        self._process = process
+        record.runtime = launcher.runtimes_used.get(step.name)
+        outcome = await process.wait()
+        record.finish(outcome)
+        self.log.info(
+            "job {pandaid}: {step} ended: exit {exit_code}, signal {signal}",
+            pandaid=self.summary.panda_id, step=step.name, exit_code=outcome.exit_code,
+            signal=outcome.signal, event="job.step_end",
+        )  # fmt: skip
+        if outcome.terminated_by_pilot:
+            raise CancelledError()
+        return outcome
+
+    async def _preprocess(self, launcher: ProcessLauncher, step: Step, environ: Mapping[str, str]) -> bool:
+        """Run the pre-process; False when it ends an HPO loop (no payload, no error)."""
+        outcome = await self._run_step(launcher, step, environ, ErrorCode.PREPROCESSFAILURE)
+        if outcome.exit_code in HPO_LOOP_END:
+            self._advance(JobPhase.RUNNING)  # the job ran (its pre-process), nothing failed
+            self.log.info(
+                "job {pandaid}: pre-process exit {code}: end of the HPO loop, no payload run",
+                pandaid=self.summary.panda_id, code=outcome.exit_code, event="job.hpo_end",
+            )  # fmt: skip
+            return False
+        if outcome.signal is not None or outcome.exit_code != 0:
+            how = f"signal {outcome.signal}" if outcome.signal is not None else f"code {outcome.exit_code}"
+            raise PilotError(ErrorCode.PREPROCESSFAILURE, f"pre-process {step.command} failed with {how}")
+        return True
+
+    async def _postprocess(self, launcher: ProcessLauncher, step: Step, environ: Mapping[str, str]) -> None:
+        outcome = await self._run_step(launcher, step, environ, ErrorCode.POSTPROCESSFAILURE)
+        if outcome.signal is None and outcome.exit_code == 0:
+            return
+        how = f"signal {outcome.signal}" if outcome.signal is not None else f"code {outcome.exit_code}"
+        if step.ignore_failure:
+            self.log.warn(
+                "job {pandaid}: post-process failed with {how} (ignored)",
+                pandaid=self.summary.panda_id,
+                how=how,
+            )
+            return
+        raise PilotError(ErrorCode.POSTPROCESSFAILURE, f"post-process {step.command} failed with {how}")
+
+    async def _run_payload(
+        self,
+        job: Job,
+        launcher: ProcessLauncher,
+        command: str,
+        environ: Mapping[str, str],
+        coprocess: Step | None,
+        utilities: list[Utility],
+    ) -> None:
+        workdir = launcher.workdir
+        record = self._record("payload", "payload")
+        process = launcher.build(
+            "payload", "payload", ["/bin/bash", "-c", command], environ,
+            failure=ErrorCode.PAYLOADEXECUTIONFAILURE,
+        )  # fmt: skip
+        record.runtime = launcher.runtimes_used.get("payload")
         self._cpu_at_start = _children_cpu_seconds()
         try:
             pid = process.start()
@@ -381,8 +514,31 @@ class JobRun:
         state = self._advance(JobPhase.RUNNING)
         if state is not None:
             self._background(self._send(state))
+        co_process: ManagedProcess | None = None
+        co_record: ProcessRecord | None = None
+        if coprocess is not None:
+            co_record = self._record("coprocess", "coprocess")
+            co_process = launcher.start(
+                "coprocess",
+                "coprocess",
+                step_argv(coprocess),
+                environ,
+                failure=ErrorCode.PAYLOADEXECUTIONFAILURE,
+            )
+            co_record.runtime = launcher.runtimes_used.get("coprocess")
+        for utility in utilities:
+            if utility.spec.when == "with":
+                utility.payload_pid = pid
+                utility.start()
         outcome = await process.wait()
+        record.finish(outcome)
         self._outcome = outcome
+        if co_process is not None and co_record is not None:
+            co_outcome = await co_process.terminate("the payload has ended")
+            co_record.finish(co_outcome)
+        for utility in utilities:
+            if utility.spec.when in ("before", "with"):
+                await utility.stop()
         await self._stop_monitor()
         self._payload_cpu = max(0.0, _children_cpu_seconds() - self._cpu_at_start)
         self.summary.exit_code = outcome.shell_status
@@ -394,7 +550,8 @@ class JobRun:
             wall=outcome.wall_time,
             event="job.payload_end",
         )
-        self._analysis = await self.env.in_thread(analyse_payload, outcome.exit_code, outcome.signal, workdir)
+        analysis = await self.env.in_thread(analyse_payload, outcome.exit_code, outcome.signal, workdir)
+        self._analysis = self.env.experiment.analyse_payload(job, workdir, analysis)
         if outcome.terminated_by_pilot:
             raise CancelledError()
         if outcome.signal is not None:
@@ -475,7 +632,10 @@ class JobRun:
                 panda_id=job.panda_id,
                 queue=self.env.queuedata.name,
                 control=self.env.process_control,
-                exclude=self._staging.staged_in if self._staging is not None else (),
+                exclude=[
+                    *(self._staging.staged_in if self._staging is not None else ()),
+                    SECRETS_DIR,
+                ],
             )
             facts = await self.env.in_thread(file_facts, path)
             entry = ReportedFile(job.log.lfn, job.log.guid, facts, path, is_log=True)

@@ -1,0 +1,227 @@
+"""Pre-process, co-process, post-process and utilities around the payload.
+
+A job definition may carry ``preprocess``, ``coprocess`` and ``postprocess``, each
+``{"command": ..., "args": ...}`` (a dict or its JSON text; ``ignore_failure`` on the
+post-process; ``checksum`` ``sha256:<hex>``/``ad:<adler32>``/``md:<md5>`` for commands
+that are URLs).  The semantics are PanDA's:
+
+* the pre-process runs to completion before the payload; exit 160, 161 or 162 ends a
+  hyper-parameter-optimisation loop (the payload does not run, the job is not failed);
+  any other non-zero exit fails the job with PREPROCESSFAILURE;
+* the co-process starts with the payload and is stopped (TERM→KILL) when it ends;
+* the post-process runs after the payload; its failure is POSTPROCESSFAILURE unless
+  ``ignore_failure`` is set.
+
+Utilities (``UtilitySpec``, from the experiment plug-in) start before or with the
+payload and are restarted up to their limit when they die, or run after it.  Each
+process writes ``<name>.stdout``/``<name>.stderr`` in the work directory and has a
+``ProcessRecord`` in the job summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from pilot.errorcodes import ErrorCode
+from pilot.errors import PilotError
+from pilot.job.model import Job
+from pilot.job.processes import PAYLOAD_PID, UtilitySpec
+from pilot.logs import pilot_observer
+from pilot.process.runner import ManagedProcess, ProcessOutcome
+
+log = Logger(observer=pilot_observer)
+
+#: Pre-process exit codes that end an HPO loop without an error.
+HPO_LOOP_END = frozenset({160, 161, 162})
+STEPS = ("preprocess", "coprocess", "postprocess")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One of the job's pre/co/post-process commands."""
+
+    name: str
+    command: str
+    args: str = ""
+    ignore_failure: bool = False
+    checksum: str | None = None
+
+    @property
+    def is_url(self) -> bool:
+        return urlsplit(self.command).scheme in ("http", "https")
+
+
+def parse_steps(job: Job) -> dict[str, Step]:
+    """The job's steps by name; a malformed one fails the job before anything runs."""
+    steps: dict[str, Step] = {}
+    for name in STEPS:
+        raw: Any = job.raw.get(name)
+        if raw in (None, "", "NULL", {}, "{}"):
+            continue
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except ValueError:
+                raise PilotError(ErrorCode.CONVERSIONFAILURE, f"{name} is not JSON: {raw[:80]!r}") from None
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("command"), str) or not raw["command"]:
+            raise PilotError(ErrorCode.CONVERSIONFAILURE, f"{name} must be {{command, args}}")
+        args = raw.get("args", "")
+        steps[name] = Step(
+            name=name,
+            command=raw["command"],
+            args=" ".join(args) if isinstance(args, list) else str(args or ""),
+            ignore_failure=str(raw.get("ignore_failure", "")).lower() in ("true", "1", "yes"),
+            checksum=str(raw["checksum"]) if raw.get("checksum") else None,
+        )
+    return steps
+
+
+def _verify(data: bytes, checksum: str) -> str | None:
+    """None if ``data`` matches ``checksum`` (``sha256:``, ``ad:``, ``md:``), else a reason."""
+    kind, _, value = checksum.partition(":")
+    kind = kind.lower()
+    if kind == "sha256":
+        actual = hashlib.sha256(data).hexdigest()
+    elif kind in ("ad", "adler32"):
+        actual = f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+    elif kind in ("md", "md5"):
+        actual = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    else:
+        return f"unknown checksum type {kind!r}"
+    return None if actual == value.lower() else f"{kind} {actual} != {value.lower()}"
+
+
+async def fetch_step(
+    step: Step, workdir: Path, download: Callable[[str], Awaitable[bytes]]
+) -> tuple[Step, str]:
+    """Download a URL command into the work directory; returns the local step and its sha256."""
+    code = ErrorCode.PREPROCESSFAILURE if step.name != "postprocess" else ErrorCode.POSTPROCESSFAILURE
+    try:
+        data = await download(step.command)
+    except Exception as exc:  # noqa: BLE001 - any failure to fetch is the step's failure
+        raise PilotError(code, f"cannot download {step.name} {step.command}: {exc}") from None
+    if step.checksum is not None:
+        problem = _verify(data, step.checksum)
+        if problem is not None:
+            raise PilotError(code, f"{step.name} {step.command}: checksum mismatch ({problem})")
+    name = os.path.basename(urlsplit(step.command).path) or step.name
+    if not name.replace(".", "").replace("-", "").replace("_", "").isalnum():
+        name = step.name
+    target = workdir / f"{step.name}-{name}"
+    target.write_bytes(data)
+    target.chmod(0o755)
+    digest = hashlib.sha256(data).hexdigest()
+    log.info("{step}: downloaded {url} (sha256 {digest})", step=step.name, url=step.command, digest=digest)
+    return Step(step.name, f"./{target.name}", step.args, step.ignore_failure, step.checksum), digest
+
+
+def step_argv(step: Step) -> list[str]:
+    """The step as PanDA runs it: ``command args`` with shell semantics, in the work directory."""
+    command = shlex.quote(step.command) if step.command.startswith(("/", "./")) else step.command
+    return ["/bin/bash", "-c", f"{command} {step.args}".strip()]
+
+
+@dataclass
+class ProcessRecord:
+    """What the job summary says about one process."""
+
+    name: str
+    role: str
+    exit_code: int | None = None
+    signal: int | None = None
+    started: float | None = None
+    ended: float | None = None
+    restarts: int = 0
+    stopped_by_pilot: bool = False
+    runtime: str | None = None
+    stdout: str = ""
+    stderr: str = ""
+
+    def finish(self, outcome: ProcessOutcome) -> None:
+        self.exit_code = outcome.exit_code
+        self.signal = outcome.signal
+        self.started = outcome.started if self.started is None else self.started
+        self.ended = outcome.ended
+        self.stopped_by_pilot = outcome.terminated_by_pilot
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Utility:
+    """A running utility: restarted when it dies, up to ``spec.max_restarts`` times."""
+
+    spec: UtilitySpec
+    start_process: Callable[[list[str]], ManagedProcess]
+    clock: IReactorTime
+    record: ProcessRecord
+    restart_delay: float = 1.0
+    payload_pid: int | None = None
+    process: ManagedProcess | None = None
+    _stopping: bool = False
+    _restart_call: IDelayedCall | None = None
+    _watching: Deferred[None] | None = field(default=None, repr=False)
+
+    def argv(self) -> list[str]:
+        pid = str(self.payload_pid) if self.payload_pid is not None else ""
+        return [part.replace(PAYLOAD_PID, pid) for part in self.spec.argv]
+
+    def start(self) -> None:
+        try:
+            self.process = self.start_process(self.argv())
+        except PilotError as exc:
+            log.warn("utility {name} could not start: {diag}", name=self.spec.name, diag=exc.diag)
+            return
+        if self.record.started is None:
+            self.record.started = self.clock.seconds()
+        self._watching = Deferred.fromCoroutine(self._watch(self.process))
+
+    async def _watch(self, process: ManagedProcess) -> None:
+        outcome = await process.wait()
+        self.record.finish(outcome)
+        if self._stopping or self.spec.when == "after":
+            return
+        if self.record.restarts >= self.spec.max_restarts:
+            log.warn(
+                "utility {name} ended ({exit}, signal {sig}) and was restarted {n} times: giving up",
+                name=self.spec.name, exit=outcome.exit_code, sig=outcome.signal, n=self.record.restarts,
+            )  # fmt: skip
+            return
+        self.record.restarts += 1
+        log.info(
+            "utility {name} ended (exit {exit}, signal {sig}): restart {n} of {limit}",
+            name=self.spec.name, exit=outcome.exit_code, sig=outcome.signal,
+            n=self.record.restarts, limit=self.spec.max_restarts, event="job.utility_restart",
+        )  # fmt: skip
+        self._restart_call = self.clock.callLater(self.restart_delay, self._restart)
+
+    def _restart(self) -> None:
+        self._restart_call = None
+        if not self._stopping:
+            self.start()
+
+    async def stop(self) -> None:
+        """Stop for good (``stop_signal``, then SIGKILL after the grace)."""
+        self._stopping = True
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        if self.process is not None and self.process.running:
+            await self.process.terminate(
+                f"utility {self.spec.name} no longer needed", signum=self.spec.stop_signal
+            )
+        if self._watching is not None:
+            await self._watching

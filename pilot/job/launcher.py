@@ -1,0 +1,115 @@
+"""Starting one of a job's processes, in its container if the queue says so.
+
+Every process of a job (pre-process, payload, co-process, post-process, utilities)
+goes through ``ProcessLauncher.start``: the experiment plug-in names the container
+runtime for the process's role, the runtime turns the argument vector into its
+launcher's (``bwrap ...``, ``apptainer exec ...``), and ``ManagedProcess`` runs that in
+its own process group with the job's stdout/stderr files.  Nothing is ever spliced into
+a pilot-side shell command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+
+from pilot.container.spec import ContainerSpec
+from pilot.errorcodes import ErrorCode
+from pilot.errors import PilotError
+from pilot.interfaces import IContainerRuntime, IExperiment
+from pilot.job.model import Job
+from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
+from pilot.queuedata import QueueData
+
+
+def _runtimes() -> dict[str, IContainerRuntime]:
+    from pilot.container.registry import runtimes  # imported on first container use only
+
+    return runtimes()
+
+
+class ProcessLauncher:
+    """Builds and starts the processes of one job."""
+
+    def __init__(
+        self,
+        *,
+        spawner: IReactorProcess,
+        clock: IReactorTime,
+        job: Job,
+        workdir: Path,
+        experiment: IExperiment,
+        queuedata: QueueData,
+        pilot_environ: Mapping[str, str],
+        hidden: Sequence[Path] = (),
+        kill_grace: float = 10.0,
+        control: ProcessControl = OS_PROCESS_CONTROL,
+    ) -> None:
+        self.spawner = spawner
+        self.clock = clock
+        self.job = job
+        self.workdir = workdir
+        self.experiment = experiment
+        self.queuedata = queuedata
+        self.pilot_environ = pilot_environ
+        self.hidden = tuple(hidden)
+        self.kill_grace = kill_grace
+        self.control = control
+        self.runtimes_used: dict[str, str] = {}  # role → runtime, for the job summary
+
+    def build(
+        self, role: str, name: str, argv: Sequence[str], environ: Mapping[str, str], *, failure: ErrorCode
+    ) -> ManagedProcess:
+        """The ``ManagedProcess`` for ``argv`` in ``role`` (wrapped in a container if asked)."""
+        launch_argv, launch_env = list(argv), dict(environ)
+        runtime_name = self.experiment.container_runtime(role, self.job, self.queuedata)
+        if runtime_name:
+            runtime = _runtimes().get(runtime_name)
+            if runtime is None or not runtime.available(self.pilot_environ):
+                code = (
+                    ErrorCode.APPTAINERNOTINSTALLED
+                    if runtime_name == "apptainer"
+                    else ErrorCode.QUEUENOTSETUPFORCONTAINERS
+                )
+                raise PilotError(code, f"container runtime {runtime_name} for {role} is not installed")
+            image = self.experiment.container_image(self.job, self.queuedata)
+            spec = ContainerSpec(
+                role=role,
+                argv=list(argv),
+                env=dict(environ),
+                workdir=self.workdir,
+                image=image,
+                options=self.queuedata.container_options,
+                hidden=self.hidden,
+            )
+            try:
+                launch = runtime.wrap(spec, self.pilot_environ)
+            except ValueError as exc:
+                raise PilotError(ErrorCode.IMAGENOTFOUND, str(exc)) from None
+            launch_argv, launch_env = launch.argv, launch.env
+            self.runtimes_used[role] = runtime_name
+        return ManagedProcess(
+            self.spawner,
+            self.clock,
+            launch_argv,
+            env=launch_env,
+            cwd=self.workdir,
+            stdout=self.workdir / f"{name}.stdout",
+            stderr=self.workdir / f"{name}.stderr",
+            kill_grace=self.kill_grace,
+            name=f"{name} of job {self.job.panda_id}",
+            control=self.control,
+        )
+
+    def start(
+        self, role: str, name: str, argv: Sequence[str], environ: Mapping[str, str], *, failure: ErrorCode
+    ) -> ManagedProcess:
+        """``build`` and start; a process that cannot start fails the job with ``failure``."""
+        process = self.build(role, name, argv, environ, failure=failure)
+        try:
+            process.start()
+        except ProcessStartError as exc:
+            raise PilotError(failure, str(exc)) from None
+        return process
