@@ -287,6 +287,7 @@ class PilotService(Service):
                     f"cannot download the storage description from {storage_source}: {exc}",
                 ) from None
             self.staging = replace(self.staging, storage=StorageData.from_bytes(data))
+        self.queuedata = self._experiment.adjust_queuedata(self.queuedata)
         problem = self.queuedata.state_error()
         if problem is not None:
             raise problem

@@ -295,6 +295,9 @@ class JobRun:
         state = self._advance(JobPhase.SETUP)
         self.workdir = self._make_workdir(job)
         await self._check_free_space(self.workdir)
+        problem = await self.env.in_thread(self.env.experiment.verify_setup, job, self.workdir)
+        if problem:
+            raise PilotError(ErrorCode.SETUPFAILURE, problem)
         self._staging = JobStaging(
             job,
             self.workdir,
@@ -304,6 +307,7 @@ class JobRun:
             clock=self.env.clock,
             in_thread=self.env.in_thread,
             control=self.env.process_control,
+            catalog_name=self.env.experiment.file_catalog_name(job),
         )
         if state is not None:
             await self._send(state)
@@ -361,9 +365,6 @@ class JobRun:
             raise CancelledError()
         workdir = self.workdir
         experiment = self.env.experiment
-        problem = await self.env.in_thread(experiment.verify_setup, job, workdir)
-        if problem:
-            raise PilotError(ErrorCode.SETUPFAILURE, problem)
         steps = parse_steps(job)
         for name, step in list(steps.items()):
             if step.is_url:
@@ -628,7 +629,7 @@ class JobRun:
                 clock=self.env.clock,
                 in_thread=self.env.in_thread,
                 workdir=self.workdir,
-                destination=self.env.pilot_dir / "logs" / job.log.lfn,
+                destination=self.env.pilot_dir / "logs" / self.env.experiment.log_tarball_name(job),
                 panda_id=job.panda_id,
                 queue=self.env.queuedata.name,
                 control=self.env.process_control,

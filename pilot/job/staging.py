@@ -101,7 +101,9 @@ class JobStaging:
         clock: IReactorTime,
         in_thread: ThreadRunner,
         control: ProcessControl = OS_PROCESS_CONTROL,
+        catalog_name: str = "PoolFileCatalog.xml",
     ) -> None:
+        self.catalog_name = catalog_name
         self.job = job
         self.workdir = workdir
         self.setup = setup
@@ -153,7 +155,9 @@ class JobStaging:
         self.metrics.direct = len(plan.direct)
         self.turls = {d.lfn: d.turl for d in plan.direct}
         copied = [(t.guid, t.lfn) for t in plan.transfers]
-        self.catalog = await self._in_thread(write_catalog, self.workdir, plan.direct, copied)
+        self.catalog = await self._in_thread(
+            write_catalog, self.workdir, plan.direct, copied, self.catalog_name
+        )
 
     async def _check_space(self, transfers: Sequence[FileTransfer]) -> None:
         total = sum(t.size or 0 for t in transfers)

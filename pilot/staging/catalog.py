@@ -37,10 +37,15 @@ def render_catalog(entries: Sequence[tuple[str, str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_catalog(workdir: Path, direct: Sequence[DirectInput], local: Sequence[tuple[str, str]]) -> Path:
+def write_catalog(
+    workdir: Path,
+    direct: Sequence[DirectInput],
+    local: Sequence[tuple[str, str]],
+    name: str = "PoolFileCatalog.xml",
+) -> Path:
     """Write the catalogue: remote TURLs for direct-access inputs, local paths for copies."""
     entries = [(d.guid, d.lfn, d.turl) for d in direct]
     entries += [(guid, lfn, f"file:{workdir / lfn}") for guid, lfn in local]
-    path = workdir / "PoolFileCatalog.xml"
+    path = workdir / name
     path.write_text(render_catalog(entries), encoding="utf-8")
     return path

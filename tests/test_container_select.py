@@ -1,0 +1,50 @@
+"""Which process role runs in which container runtime (queue ``container_type``, job image)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.container.select import job_image, parse_container_type, runtime_for
+from pilot.job.model import Job, parse_job
+from pilot.queuedata import QueueData
+
+
+def job(**extra: Any) -> Job:
+    return parse_job({"PandaID": 1, "transformation": "t", **extra})
+
+
+def queue(container_type: str) -> QueueData:
+    return QueueData.from_dict({"nickname": "Q", "container_type": container_type}, "Q")
+
+
+class ContainerTypeTests(SynchronousTestCase):
+    def test_cric_words(self) -> None:
+        self.assertEqual(
+            parse_container_type("singularity:pilot;docker:wrapper;bwrap:middleware"),
+            {"payload": "apptainer", "stagein": "bubblewrap", "stageout": "bubblewrap"},
+        )
+
+    def test_roles_and_all(self) -> None:
+        mapping = parse_container_type("bubblewrap:all; apptainer:payload")
+        self.assertEqual(mapping["payload"], "apptainer", "later entries win")
+        self.assertEqual(mapping["utility"], "bubblewrap")
+        self.assertEqual(parse_container_type(""), {})
+        self.assertEqual(
+            parse_container_type("podman:payload;apptainer:nonsense"), {}, "unknown words ignored"
+        )
+
+    def test_job_image(self) -> None:
+        self.assertEqual(
+            job_image(job(jobPars="--containerImage docker://alpine:3 -c 'x'")), "docker://alpine:3"
+        )
+        self.assertEqual(job_image(job(jobPars="--containerImage=/cvmfs/img.sif")), "/cvmfs/img.sif")
+        self.assertEqual(job_image(job(container_name="docker://busybox")), "docker://busybox")
+        self.assertIsNone(job_image(job(jobPars="-c 'echo hi'")))
+
+    def test_runtime_for(self) -> None:
+        self.assertEqual(runtime_for("payload", job(), queue("bubblewrap:payload")), "bubblewrap")
+        self.assertIsNone(runtime_for("stagein", job(), queue("bubblewrap:payload")))
+        self.assertEqual(runtime_for("payload", job(container_name="docker://x"), queue("")), "apptainer")
+        self.assertIsNone(runtime_for("payload", job(), queue("")))
