@@ -74,7 +74,14 @@ class ProcessLauncher:
                     else ErrorCode.QUEUENOTSETUPFORCONTAINERS
                 )
                 raise PilotError(code, f"container runtime {runtime_name} for {role} is not installed")
-            image = self.experiment.container_image(self.job, self.queuedata)
+            # Only image-based runtimes take an image; bubblewrap runs the host's system.
+            image = (
+                self.experiment.container_image(self.job, self.queuedata)
+                if runtime_name != "bubblewrap"
+                else None
+            )
+            if runtime_name == "apptainer" and image is None:
+                raise PilotError(ErrorCode.IMAGENOTFOUND, f"no container image for the {role} (apptainer)")
             spec = ContainerSpec(
                 role=role,
                 argv=list(argv),
@@ -86,8 +93,15 @@ class ProcessLauncher:
             )
             try:
                 launch = runtime.wrap(spec, self.pilot_environ)
-            except ValueError as exc:
-                raise PilotError(ErrorCode.IMAGENOTFOUND, str(exc)) from None
+            except FileNotFoundError as exc:
+                raise PilotError(ErrorCode.QUEUENOTSETUPFORCONTAINERS, str(exc)) from None
+            except ValueError as exc:  # the runtime refuses the image, options or binds
+                code = (
+                    ErrorCode.IMAGENOTFOUND
+                    if "image" in str(exc).lower()
+                    else ErrorCode.SINGULARITYGENERALFAILURE
+                )
+                raise PilotError(code, str(exc)) from None
             launch_argv, launch_env = launch.argv, launch.env
             self.runtimes_used[role] = runtime_name
         return ManagedProcess(

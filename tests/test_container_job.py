@@ -1,0 +1,137 @@
+"""A whole job whose payload runs in bubblewrap, against the dev server.
+
+The payload reads its staged-in input and writes its outputs in the work directory,
+and tries what it must not manage: read the pilot's proxy and token file, write outside
+its work directory (the pilot's directory, the test's directory, /etc), see or leave
+files in the host's /tmp.  It records each attempt's outcome; the test checks them and
+that the job still finishes with its outputs stored.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SkipTest, TestCase
+
+from pilot.config import Credentials, KeepWorkdirs
+from pilot.devserver.server import start_dev_server
+from pilot.job.staging import StagingSetup
+from pilot.monitor.settings import MonitorSettings
+from pilot.staging.storage import StorageData
+from pilot.staging.urls import rucio_path
+
+from .harness import pilot_service, run_to_end
+
+reactor: Any = _reactor
+QUEUE = "BWRAP_QUEUE"
+
+
+def adler(data: bytes) -> str:
+    return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+
+
+class BubblewrapJobTests(TestCase):
+    timeout = 120
+
+    async def test_job_in_bubblewrap(self) -> None:
+        if shutil.which("bwrap") is None:
+            if os.environ.get("CI"):
+                self.fail("bubblewrap (bwrap) is required in CI (.ci/install-services.sh)")
+            raise SkipTest("bwrap is not installed")
+        base = Path(self.mktemp()).absolute()
+        storage = base / "SITE"
+        storage.mkdir(parents=True)
+        data = b"input bytes\n"
+        source = storage / rucio_path("mc", "in1.root")
+        source.parent.mkdir(parents=True)
+        source.write_bytes(data)
+        queuedata = {
+            "timefloor": 10,
+            "container_type": "bubblewrap:payload",
+            "copytools": {"cp": {}},
+            "acopytools": {"pr": ["cp"], "pw": ["cp"], "pl": ["cp"]},
+            "astorages": {"read_lan": ["SITE"], "pw": ["SITE"], "pl": ["SITE"]},
+        }
+        server = await start_dev_server(reactor, base / "server", queues={QUEUE: queuedata})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        token = base / "pilot-token"
+        token.write_text("secret-pilot-token\n")
+        planted = Path("/tmp") / f"txpilot-host-{uuid.uuid4().hex}"
+        planted.write_text("host tmp\n")
+        self.addCleanup(planted.unlink)
+        left = f"txpilot-payload-{uuid.uuid4().hex}"
+        proxy = server.pki.client_proxy
+        pilot_base = base / "pilot"
+        script = "; ".join(
+            [
+                "cat in1.root > out1.root",
+                f"(cat {proxy} >/dev/null 2>&1 && echo proxy:read || echo proxy:denied) >> probes.txt",
+                f"(cat {token} >/dev/null 2>&1 && echo token:read || echo token:denied) >> probes.txt",
+                f"(touch {pilot_base}/escape 2>/dev/null && echo pilotdir:written || echo pilotdir:denied) >> probes.txt",
+                f"(touch {base}/escape 2>/dev/null && echo testdir:written || echo testdir:denied) >> probes.txt",
+                "(touch /etc/escape 2>/dev/null && echo etc:written || echo etc:denied) >> probes.txt",
+                f"(test -e {planted} && echo tmp:shared || echo tmp:private) >> probes.txt",
+                f"touch /tmp/{left}",
+                "cp probes.txt out2.txt",
+            ]
+        )
+        (panda_id,) = await server.submit(
+            [
+                {
+                    "computingSite": QUEUE,
+                    "prodSourceLabel": "managed",
+                    "transformation": "/bin/bash",
+                    "jobPars": f"-c '{script}'",
+                    "inFiles": "in1.root",
+                    "scopeIn": "mc",
+                    "ddmEndPointIn": "SITE",
+                    "fsize": str(len(data)),
+                    "checksum": f"ad:{adler(data)}",
+                    "GUID": "11111111-1111-1111-1111-111111111111",
+                    "outFiles": "out1.root,out2.txt,job.log.tgz",
+                    "scopeOut": "mc",
+                    "logFile": "job.log.tgz",
+                    "scopeLog": "mc",
+                }
+            ]
+        )
+        storage_data = StorageData.from_document(
+            {"SITE": {"arprotocols": {"read_lan": [{"endpoint": "file://", "path": str(storage)}],
+                                      "write_lan": [{"endpoint": "file://", "path": str(storage)}]}}}
+        )  # fmt: skip
+        service = pilot_service(
+            server,
+            QUEUE,
+            pilot_base,
+            credentials=Credentials(cacert=server.pki.ca_cert, proxy=proxy, token_file=token),
+            staging=StagingSetup(storage=storage_data, records_dir=pilot_base),
+            getjob_requests=1,
+            keep_workdirs=KeepWorkdirs.ALL,
+            monitor=MonitorSettings(min_free_start=0, min_free_running=0),
+        )
+        await run_to_end(service)
+        view = await server.job(panda_id)
+        self.assertEqual(view["jobStatus"], "finished", view.get("pilotErrorDiag"))
+        self.assertEqual(service.summaries[0].runtimes, {"payload": "bubblewrap"})
+        self.assertEqual((storage / rucio_path("mc", "out1.root")).read_bytes(), data)
+        probes = (storage / rucio_path("mc", "out2.txt")).read_text().split()
+        self.assertEqual(
+            probes,
+            [
+                "proxy:denied",
+                "token:denied",
+                "pilotdir:denied",
+                "testdir:denied",
+                "etc:denied",
+                "tmp:private",
+            ],
+        )
+        self.assertFalse((Path("/tmp") / left).exists(), "the payload's /tmp is private")
+        self.assertFalse((pilot_base / "escape").exists())
