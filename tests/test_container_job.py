@@ -135,3 +135,53 @@ class BubblewrapJobTests(TestCase):
         )
         self.assertFalse((Path("/tmp") / left).exists(), "the payload's /tmp is private")
         self.assertFalse((pilot_base / "escape").exists())
+
+
+class ApptainerJobTests(TestCase):
+    """A job whose payload runs through the generated ``apptainer exec`` command.
+
+    apptainer cannot be installed here: ``tests/data/apptainer-standin`` parses the
+    command as apptainer's CLI does (and fails on anything it would reject), then runs
+    it without isolation, so the whole path — queue ``container_type``, image from the
+    job, options, environment passing — runs for real.
+    """
+
+    timeout = 60
+
+    async def test_job_through_generated_apptainer_command(self) -> None:
+        base = Path(self.mktemp()).absolute()
+        bin_dir = base / "bin"
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "apptainer").symlink_to(Path(__file__).parent / "data" / "apptainer-standin")
+        queuedata = {"timefloor": 10, "container_type": "apptainer:payload", "container_options": "-B /srv"}
+        Path("/srv").mkdir(exist_ok=True)
+        server = await start_dev_server(reactor, base / "server", queues={QUEUE: queuedata})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        (panda_id,) = await server.submit(
+            [
+                {
+                    "computingSite": QUEUE,
+                    "prodSourceLabel": "managed",
+                    "transformation": "/bin/bash",
+                    "jobPars": "-c 'pwd > where.txt; env > env.txt'",
+                    "container_name": "docker://almalinux:9",
+                    "logFile": "job.log.tgz",
+                    "scopeLog": "mc",
+                }
+            ]
+        )
+        environ = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", "LANG": "C.UTF-8"}
+        service = pilot_service(
+            server, QUEUE, base / "pilot", getjob_requests=1, keep_workdirs=KeepWorkdirs.ALL,
+            monitor=MonitorSettings(min_free_start=0, min_free_running=0), environ=environ,
+        )  # fmt: skip
+        await run_to_end(service)
+        view = await server.job(panda_id)
+        self.assertEqual(view["jobStatus"], "finished", view.get("pilotErrorDiag"))
+        self.assertEqual(service.summaries[0].runtimes, {"payload": "apptainer"})
+        assert service.pilot_dir is not None
+        workdir = service.pilot_dir / f"PanDA_Pilot-{panda_id}"
+        self.assertEqual((workdir / "where.txt").read_text().strip(), str(workdir), "--pwd is the work directory")
+        env = dict(line.split("=", 1) for line in (workdir / "env.txt").read_text().splitlines() if "=" in line)
+        self.assertEqual(env["PandaID"], str(panda_id), "job variables arrive through APPTAINERENV_")
+        self.assertEqual(env.get("APPTAINER_CONTAINER"), "docker://almalinux:9")
