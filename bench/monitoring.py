@@ -31,6 +31,7 @@ import psutil
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater, react
 
+from bench.common import add_targets_flag, report_values
 from pilot.localrun import pilot_arguments, start_dev_server_process, start_pilot_process
 from pilot.monitor.scan import WorkdirScanner
 
@@ -160,15 +161,8 @@ async def main_async(reactor: Any, args: argparse.Namespace) -> None:
     results["pilot_cpu_fraction_percent"] = round(100 * debug["cpu_s"] / debug["window_s"], 3)
     results["normal_cpu_fraction_percent"] = round(100 * normal["cpu_s"] / normal["window_s"], 3)
     (run_dir.parent / "monitoring.json").write_text(json.dumps(results, indent=1) + "\n")
-    ok = True
     sys.stdout.write("bench/monitoring:\n")
-    for key, value in results.items():
-        target = TARGETS.get(key)
-        verdict = ""
-        if target is not None:
-            ok = ok and value <= target
-            verdict = f"  target <= {target}: {'PASS' if value <= target else 'FAIL'}"
-        sys.stdout.write(f"  {key:<32} {value}{verdict}\n")
+    ok = report_values(results, TARGETS, "<=")
     if not ok and args.check_targets:
         raise SystemExit(1)
 
@@ -178,10 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--dir", default="bench-run/monitoring")
     parser.add_argument("--heartbeat-seconds", type=float, default=0.0)
-    parser.add_argument(
-        "--no-targets", dest="check_targets", action="store_false",
-        help="report the numbers but do not fail when a target is missed (smoke runs)",
-    )  # fmt: skip
+    add_targets_flag(parser)
     args = parser.parse_args(argv)
     react(lambda reactor: ensureDeferred(main_async(reactor, args)))
 

@@ -33,6 +33,7 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
+from bench.common import report_values
 from pilot.localrun import run_pilot, start_dev_server_process
 from pilot.process.runner import ManagedProcess
 
@@ -128,18 +129,10 @@ async def run(reactor: Any, n: int, run_dir: Path) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> bool:
-    ok = True
     sys.stdout.write(
         f"bench/overhead: {results['jobs']} jobs of /bin/true through twistd pilot + panda-dev (HTTPS)\n"
     )
-    for key, value in results.items():
-        target = TARGETS.get(key)
-        verdict = ""
-        if target is not None:
-            passed = value <= target
-            ok = ok and passed
-            verdict = f"  target <= {target}: {'PASS' if passed else 'FAIL'}"
-        sys.stdout.write(f"  {key:<24} {value}{verdict}\n")
+    ok = report_values(results, TARGETS, "<=", width=24)
     sys.stdout.write(
         "  (server_calls_per_job excludes the once-per-pilot calls: queuedata, worker node, final no-job request)\n"
     )

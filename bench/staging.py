@@ -32,6 +32,7 @@ from twisted.internet.task import react
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
+from bench.common import add_targets_flag, report_values
 from pilot.job.model import Checksum
 from pilot.staging.engine import StagingEngine
 from pilot.staging.plan import FileTransfer
@@ -201,13 +202,7 @@ async def main_async(reactor: Any, args: argparse.Namespace) -> None:
     ok = True
     for section, values in results.items():
         sys.stdout.write(f"bench/staging {section}:\n")
-        for key, value in values.items():
-            target = TARGETS.get(key)
-            verdict = ""
-            if target is not None:
-                ok = ok and value >= target
-                verdict = f"  target >= {target}: {'PASS' if value >= target else 'FAIL'}"
-            sys.stdout.write(f"  {key:<30} {value}{verdict}\n")
+        ok = report_values(values, TARGETS, ">=", width=30) and ok
     if not ok and args.check_targets:
         raise SystemExit(1)
 
@@ -218,10 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--dir", default="bench-run/staging")
-    parser.add_argument(
-        "--no-targets", dest="check_targets", action="store_false",
-        help="report the numbers but do not fail when a target is missed (smoke runs)",
-    )  # fmt: skip
+    add_targets_flag(parser)
     args = parser.parse_args(argv)
     react(lambda reactor: ensureDeferred(main_async(reactor, args)))
 

@@ -10,6 +10,8 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.threads import deferToThreadPool
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from pilot.config import ApiMode, Credentials, PilotConfig
@@ -74,3 +76,21 @@ async def run_to_end(service: PilotService) -> None:
     """Start the service and wait until it has wrapped up."""
     service.startService()
     await service._finished_deferred()
+
+
+async def mount_small_tmpfs(test: TestCase, directory: Path, size: str) -> None:
+    """Mount a ``size`` tmpfs on ``directory`` (created if needed), lazily unmounted at cleanup.
+
+    The full-disk tests need a file system that really fills up.  Mounting needs root:
+    elsewhere the test is skipped, in CI (where we run as root) it fails.
+    """
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            test.fail("the full-disk tests mount a small tmpfs and must run as root in CI")
+        raise SkipTest("mounting a small tmpfs needs root")
+    directory.mkdir(parents=True, exist_ok=True)
+    _out, err, code = await getProcessOutputAndValue(
+        "/bin/mount", ["-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], reactor=reactor
+    )
+    test.assertEqual(code, 0, err)
+    test.addCleanup(lambda: getProcessOutputAndValue("/bin/umount", ["-l", str(directory)], reactor=reactor))

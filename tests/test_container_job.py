@@ -181,7 +181,11 @@ class ApptainerJobTests(TestCase):
         self.assertEqual(service.summaries[0].runtimes, {"payload": "apptainer"})
         assert service.pilot_dir is not None
         workdir = service.pilot_dir / f"PanDA_Pilot-{panda_id}"
-        self.assertEqual((workdir / "where.txt").read_text().strip(), str(workdir), "--pwd is the work directory")
-        env = dict(line.split("=", 1) for line in (workdir / "env.txt").read_text().splitlines() if "=" in line)
+        self.assertEqual(
+            (workdir / "where.txt").read_text().strip(), str(workdir), "--pwd is the work directory"
+        )
+        env = dict(
+            line.split("=", 1) for line in (workdir / "env.txt").read_text().splitlines() if "=" in line
+        )
         self.assertEqual(env["PandaID"], str(panda_id), "job variables arrive through APPTAINERENV_")
         self.assertEqual(env.get("APPTAINER_CONTAINER"), "docker://almalinux:9")

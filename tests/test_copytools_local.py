@@ -12,8 +12,7 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.threads import deferToThread
-from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from pilot.errorcodes import ErrorCode
@@ -24,6 +23,8 @@ from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.tools.base import ToolContext
 from pilot.staging.tools.s3 import http_url, sign_v4
 from pilot.staging.transfer import CopyRequest, Direction, TransferError
+
+from .harness import mount_small_tmpfs
 
 reactor: Any = _reactor
 
@@ -134,17 +135,8 @@ class LocalToolTests(TestCase):
         self.assertTrue(raised.exception.missing)
 
     async def test_full_destination(self) -> None:
-        if os.geteuid() != 0:
-            if os.environ.get("CI"):
-                self.fail("the full-disk test mounts a small tmpfs and must run as root in CI")
-            raise SkipTest("mounting a small tmpfs needs root")
         full = self.base / "full"
-        full.mkdir()
-        out, err, code = await getProcessOutputAndValue(
-            "/bin/mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], reactor=reactor
-        )
-        self.assertEqual(code, 0, err)
-        self.addCleanup(lambda: getProcessOutputAndValue("/bin/umount", [str(full)], reactor=reactor))
+        await mount_small_tmpfs(self, full, "64k")
         data = os.urandom(256 * 1024)
         (self.base / "work" / "big.root").write_bytes(data)
         with self.assertRaises(TransferError) as raised:

@@ -16,8 +16,7 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from pilot.config import KeepWorkdirs
 from pilot.devserver.server import DevServer, start_dev_server
@@ -25,7 +24,7 @@ from pilot.errorcodes import ErrorCode
 from pilot.monitor.settings import MonitorSettings
 from pilot.service import PilotService
 
-from .harness import pilot_service, run_to_end
+from .harness import mount_small_tmpfs, pilot_service, run_to_end
 
 reactor: Any = _reactor
 QUEUE = "MONITOR_QUEUE"
@@ -148,19 +147,8 @@ class LimitTests(TestCase):
         self.assertFalse(any(alive(pid) for pid in self.child_pids()))
 
     async def test_full_disk_during_the_job(self) -> None:
-        if os.geteuid() != 0:
-            if os.environ.get("CI"):
-                self.fail("the full-disk test mounts a small tmpfs and must run as root in CI")
-            raise SkipTest("mounting a small tmpfs needs root")
         workdir = self.base / "small"
-        workdir.mkdir()
-        out, err, code = await getProcessOutputAndValue(
-            "/bin/mount", ["-t", "tmpfs", "-o", "size=16m", "tmpfs", str(workdir)], reactor=reactor
-        )
-        self.assertEqual(code, 0, err)
-        self.addCleanup(
-            lambda: getProcessOutputAndValue("/bin/umount", ["-l", str(workdir)], reactor=reactor)
-        )
+        await mount_small_tmpfs(self, workdir, "16m")
         bad = job("-c 'head -c 15500000 /dev/zero > filler.dat; sleep 600'")
         (view, _) = await self.run_jobs(
             bad, workdir=workdir, min_free_running=2_000_000, min_free_start=4_000_000

@@ -9,7 +9,6 @@ XRootD, gfal2, S3, GCS and Rucio servers is in ``test_copytools.py``.
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 import zlib
 from pathlib import Path
@@ -17,8 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from pilot.devserver.server import DevServer, start_dev_server
 from pilot.errorcodes import ErrorCode
@@ -27,7 +25,7 @@ from pilot.job.staging import StagingSetup
 from pilot.staging.storage import StorageData
 from pilot.staging.urls import rucio_path
 
-from .harness import pilot_service, run_to_end
+from .harness import mount_small_tmpfs, pilot_service, run_to_end
 
 reactor: Any = _reactor
 QUEUE = "STAGING_QUEUE"
@@ -182,16 +180,8 @@ class StagingEndToEndTests(TestCase):
 
     async def test_full_destination_fails_that_job_and_the_next_one_runs(self) -> None:
         """Stage-out to a full file system: NOREMOTESPACE, no partial file, next job finishes."""
-        if os.geteuid() != 0:
-            if os.environ.get("CI"):
-                self.fail("the full-disk test mounts a small tmpfs and must run as root in CI")
-            raise SkipTest("mounting a small tmpfs needs root")
         full = self.storage_dirs["SITE_FULL"]
-        out, err, code = await getProcessOutputAndValue(
-            "/bin/mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], reactor=reactor
-        )
-        self.assertEqual(code, 0, err)
-        self.addCleanup(lambda: getProcessOutputAndValue("/bin/umount", [str(full)], reactor=reactor))
+        await mount_small_tmpfs(self, full, "64k")
         self.place("SITE_A", "mc.in", "in1.root", b"first input\n")
         common = {
             "computingSite": FULL_QUEUE,
