@@ -288,3 +288,32 @@ class ExternalPrmonTests(TestCase):
             json.loads((workdir / "memory_monitor_summary.json").read_text())["Max"]["pss"], 77777
         )
         self.assertTrue((workdir / "memory_monitor_plot.svg").exists(), "the plot comes from our own samples")
+
+    async def test_crashed_prmon_is_restarted(self) -> None:
+        """A prmon that dies at once is started again (pilot3 allows five restarts)."""
+        base = Path(self.mktemp()).absolute()
+        bin_dir = base / "bin"
+        bin_dir.mkdir(parents=True)
+        prmon = bin_dir / "prmon"
+        crash_once = 'import os, sys\nif not os.path.exists("crashed-once"):\n    open("crashed-once", "w").close()\n    sys.exit(9)\n'
+        prmon.write_text(
+            STAND_IN_PRMON.replace(
+                "import json, os, signal, sys, time\n", "import json, os, signal, sys, time\n" + crash_once
+            )
+        )
+        prmon.chmod(0o755)
+        queue = {"timefloor": 10, "params": {"memory_monitor": "prmon"}}
+        server = await start_dev_server(reactor, base / "server", queues={QUEUE: queue})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        (panda_id,) = await server.submit([job("-c 'sleep 2.5'")])
+        environ = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        service = pilot_service(
+            server, QUEUE, base / "pilot", monitor=MonitorSettings(**FAST), getjob_requests=1,
+            environ=environ, keep_workdirs=KeepWorkdirs.ALL,
+        )  # fmt: skip
+        await run_to_end(service)
+        view = await server.job(panda_id)
+        self.assertEqual(view["jobStatus"], "finished", view.get("pilotErrorDiag"))
+        (record,) = [r for r in service.summaries[0].processes if r.name == "prmon"]
+        self.assertEqual(record.restarts, 1)
+        self.assertEqual(final_param(view, "max_pss"), 77777, "the restarted prmon's summary is used")

@@ -576,6 +576,8 @@ class JobRun:
                 interval=settings.memory_interval, control=self.env.process_control,
             )  # fmt: skip
             self._prmon = prmon if prmon.start(pid) else None
+            if self._prmon is not None and self._prmon.record is not None:
+                self.summary.processes.append(self._prmon.record)
         now = self.env.clock.seconds()
         limits = Limits.for_job(
             job, self.env.queuedata, settings,

@@ -23,7 +23,11 @@ from typing import Any
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 
+from pilot.errorcodes import ErrorCode
+from pilot.errors import PilotError
+from pilot.job.composition import ProcessRecord, Utility
 from pilot.job.outputs import ThreadRunner
+from pilot.job.processes import PAYLOAD_PID, UtilitySpec
 from pilot.logs import pilot_observer
 from pilot.monitor import prmon_output
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
@@ -43,7 +47,10 @@ def find_prmon(environ: Mapping[str, str]) -> str | None:
 
 
 class ExternalPrmon:
-    """One prmon process watching one payload."""
+    """One prmon watching one payload: restarted (up to ``MAX_RESTARTS``) if it crashes."""
+
+    #: As pilot3: a crashed prmon is started again, at most five times.
+    MAX_RESTARTS = 5
 
     def __init__(
         self,
@@ -63,16 +70,9 @@ class ExternalPrmon:
         self._environ = dict(environ)
         self._interval = interval
         self._control = control
-        self.process: ManagedProcess | None = None
+        self.utility: Utility | None = None
 
-    def start(self, pid: int) -> bool:
-        """Start watching ``pid``; False (logged) if prmon cannot be started."""
-        argv = [
-            self._program, "--pid", str(pid),
-            "--filename", prmon_output.TIME_SERIES_NAME,
-            "--json-summary", prmon_output.SUMMARY_NAME,
-            "--interval", str(max(1, int(self._interval))),
-        ]  # fmt: skip
+    def _process(self, argv: list[str]) -> ManagedProcess:
         process = ManagedProcess(
             self._spawner,
             self._clock,
@@ -88,17 +88,48 @@ class ExternalPrmon:
         try:
             process.start()
         except ProcessStartError as exc:
-            log.warn("prmon could not be started: {error}", error=str(exc))
+            raise PilotError(ErrorCode.PAYLOADEXECUTIONFAILURE, f"prmon: {exc}") from None
+        return process
+
+    def start(self, pid: int) -> bool:
+        """Start watching ``pid``; False (logged) if prmon cannot be started."""
+        spec = UtilitySpec(
+            name="prmon",
+            argv=[
+                self._program,
+                "--pid",
+                PAYLOAD_PID,
+                "--filename",
+                prmon_output.TIME_SERIES_NAME,
+                "--json-summary",
+                prmon_output.SUMMARY_NAME,
+                "--interval",
+                str(max(1, int(self._interval))),
+            ],  # fmt: skip
+            when="with",
+            max_restarts=self.MAX_RESTARTS,
+            stop_signal=signal.SIGUSR1,
+        )
+        utility = Utility(
+            spec=spec, start_process=self._process, clock=self._clock,
+            record=ProcessRecord(name="prmon", role="utility", stdout="prmon.stdout", stderr="prmon.stderr"),
+            payload_pid=pid,
+        )  # fmt: skip
+        utility.start()
+        if utility.process is None:
             return False
-        self.process = process
+        self.utility = utility
         return True
+
+    @property
+    def record(self) -> ProcessRecord | None:
+        return self.utility.record if self.utility is not None else None
 
     async def stop(self, in_thread: ThreadRunner) -> dict[str, Any] | None:
         """SIGUSR1 (then SIGKILL after the grace) and read the summary prmon wrote."""
-        if self.process is None:
+        if self.utility is None:
             return None
-        if self.process.running:
-            await self.process.terminate("the payload has ended", signum=signal.SIGUSR1)
+        await self.utility.stop()
         return await in_thread(_read_summary, self.workdir / prmon_output.SUMMARY_NAME)
 
 
