@@ -307,6 +307,9 @@ class FakeProcessControl:
     def descendants(self, pid: int) -> set[Descendant]:
         return set()
 
+    def descendants_below(self, pid: int, depth: int) -> set[Descendant]:
+        return set()
+
     def group_members(self, pgid: int) -> set[Descendant]:
         return set()
 

@@ -189,3 +189,43 @@ class ApptainerJobTests(TestCase):
         )
         self.assertEqual(env["PandaID"], str(panda_id), "job variables arrive through APPTAINERENV_")
         self.assertEqual(env.get("APPTAINER_CONTAINER"), "docker://almalinux:9")
+
+
+class BubblewrapStopTests(TestCase):
+    """Stopping a sandboxed payload gives it its grace period (SIGTERM first, not SIGKILL)."""
+
+    timeout = 60
+
+    async def test_sigterm_reaches_the_payload_and_it_cleans_up(self) -> None:
+        if shutil.which("bwrap") is None:
+            if os.environ.get("CI"):
+                self.fail("bubblewrap (bwrap) is required in CI (.ci/install-services.sh)")
+            raise SkipTest("bwrap is not installed")
+        from twisted.internet.task import deferLater
+
+        from pilot.container.bubblewrap import BubblewrapRuntime
+        from pilot.container.spec import ContainerSpec
+        from pilot.process.runner import ManagedProcess
+
+        workdir = Path(self.mktemp()).absolute()
+        workdir.mkdir(parents=True)
+        script = (
+            "trap 'sleep 0.3; echo cleaned up > cleanup.txt; exit 3' TERM; touch started; sleep 100 & wait"
+        )
+        spec = ContainerSpec(
+            role="payload", argv=["/bin/bash", "-c", script], env={"PATH": "/usr/bin:/bin"}, workdir=workdir
+        )
+        launch = BubblewrapRuntime().wrap(spec, os.environ)
+        process = ManagedProcess(
+            reactor, reactor, launch.argv, env=launch.env, cwd=workdir, stdout=workdir / "out",
+            stderr=workdir / "err", kill_grace=20.0, soft_stop_depth=launch.shield_levels,
+        )  # fmt: skip
+        process.start()
+        for _ in range(200):
+            if (workdir / "started").exists():
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        outcome = await process.terminate("test")
+        self.assertEqual((workdir / "cleanup.txt").read_text(), "cleaned up\n", "the trap ran")
+        self.assertEqual(outcome.exit_code, 3, "the payload's own exit status, not a SIGKILL")
+        self.assertLess(outcome.ended - outcome.started, 10.0, "ended within the grace, no escalation")

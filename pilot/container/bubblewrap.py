@@ -193,7 +193,9 @@ class BubblewrapRuntime:
         for destination in remounts:
             argv += ["--remount-ro", destination]
         argv += ["--chdir", workdir, "--", *spec.argv]
-        return Launch(argv=argv, env={**spec.env, "HOME": workdir})
+        # bwrap → bwrap (pid 1 of the new pid namespace) → the process: a SIGTERM to either
+        # bwrap ends the sandbox with SIGKILL, so the soft stop skips those two levels.
+        return Launch(argv=argv, env={**spec.env, "HOME": workdir}, shield_levels=2)
 
     @staticmethod
     def _masks(

@@ -47,3 +47,6 @@ class Launch:
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    #: Launcher processes above the contained process (bwrap and its namespace init):
+    #: a soft stop (SIGTERM) goes to the processes below them only.
+    shield_levels: int = 0

@@ -64,6 +64,7 @@ class ProcessLauncher:
     ) -> ManagedProcess:
         """The ``ManagedProcess`` for ``argv`` in ``role`` (wrapped in a container if asked)."""
         launch_argv, launch_env = list(argv), dict(environ)
+        shield = 0
         runtime_name = self.experiment.container_runtime(role, self.job, self.queuedata)
         if runtime_name:
             runtime = _runtimes().get(runtime_name)
@@ -102,7 +103,7 @@ class ProcessLauncher:
                     else ErrorCode.SINGULARITYGENERALFAILURE
                 )
                 raise PilotError(code, str(exc)) from None
-            launch_argv, launch_env = launch.argv, launch.env
+            launch_argv, launch_env, shield = launch.argv, launch.env, launch.shield_levels
             self.runtimes_used[role] = runtime_name
         return ManagedProcess(
             self.spawner,
@@ -115,6 +116,7 @@ class ProcessLauncher:
             kill_grace=self.kill_grace,
             name=f"{name} of job {self.job.panda_id}",
             control=self.control,
+            soft_stop_depth=shield,
         )
 
     def start(

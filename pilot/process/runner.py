@@ -85,6 +85,10 @@ class ProcessControl(Protocol):
 
     def descendants(self, pid: int) -> set[Descendant]: ...
 
+    def descendants_below(self, pid: int, depth: int) -> set[Descendant]:
+        """Descendants more than ``depth`` generations below ``pid`` (its children are 1)."""
+        ...
+
     def group_members(self, pgid: int) -> set[Descendant]: ...
 
     def signal_process(self, process: Descendant, signum: int) -> bool: ...
@@ -123,6 +127,31 @@ class OSProcessControl:
                     found.add(Descendant(child.pid, child.create_time()))
             except psutil.Error:
                 continue
+        return found
+
+    def descendants_below(self, pid: int, depth: int) -> set[Descendant]:
+        try:
+            level = [psutil.Process(pid)]
+        except psutil.Error:
+            return set()
+        found: set[Descendant] = set()
+        generation = 0
+        while level:
+            generation += 1
+            children: list[psutil.Process] = []
+            for process in level:
+                try:
+                    children += process.children()
+                except psutil.Error:
+                    continue
+            for child in children:
+                if generation > depth:
+                    try:
+                        if child.status() != psutil.STATUS_ZOMBIE:
+                            found.add(Descendant(child.pid, child.create_time()))
+                    except psutil.Error:
+                        continue
+            level = children
         return found
 
     def group_members(self, pgid: int) -> set[Descendant]:
@@ -176,6 +205,7 @@ class ManagedProcess:
         backstop: float = 60.0,
         name: str = "process",
         control: ProcessControl = OS_PROCESS_CONTROL,
+        soft_stop_depth: int = 0,
     ) -> None:
         if not argv:
             raise ValueError("empty argv")
@@ -190,6 +220,11 @@ class ManagedProcess:
         self.backstop = backstop
         self.name = name
         self._control = control
+        #: Launcher levels (the leader and as many generations below it as needed, e.g. bwrap
+        #: and its namespace init = 2) spared the soft stop signal: a container
+        #: launcher such as bwrap would die of it and SIGKILL the sandbox, robbing the
+        #: payload of its grace period.  They still get the SIGKILL of the escalation.
+        self.soft_stop_depth = soft_stop_depth
         self._transport: IProcessTransport | None = None
         self._pid: int | None = None
         self._started: float | None = None
@@ -278,7 +313,12 @@ class ManagedProcess:
                 event="process.terminate",
             )
             self._remember_descendants()
-            self._signal_all(signum)
+            if self.soft_stop_depth > 0 and self.pid is not None:
+                # the leader is one of the launcher levels; its descendants start at generation 1
+                for inner in self._control.descendants_below(self.pid, self.soft_stop_depth - 1):
+                    self._control.signal_process(inner, signum)
+            else:
+                self._signal_all(signum)
             self._kill_call = self._clock.callLater(self.kill_grace, self._escalate)
         return self.wait()
 
