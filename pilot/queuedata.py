@@ -11,6 +11,7 @@ start-up with QUEUEDATANOTOK instead of surfacing as a crash halfway through a j
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,16 @@ def _as_dict(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
     if isinstance(value, dict):
         return dict(value)
     raise PilotError(ErrorCode.QUEUEDATANOTOK, f"queuedata field {key!r}: expected an object, got {value!r}")
+
+
+def catchall_setting(catchall: str, names: tuple[str, ...]) -> str:
+    """The first ``name='value'`` (or ``name="value"``, or unquoted to the next space) of
+    ``names`` in a CRIC catchall string; "" if none.  pilot3 reads container options this way."""
+    for name in names:
+        match = re.search(rf"(?:^|\s){re.escape(name)}=(?:'([^']*)'|\"([^\"]*)\"|(\S+))", catchall)
+        if match:
+            return next(group for group in match.groups() if group is not None)
+    return ""
 
 
 def parse_environ(text: str) -> dict[str, str]:
@@ -140,7 +151,8 @@ class QueueData:
             catchall=_as_str(raw, "catchall"),
             environ=parse_environ(_as_str(raw, "environ")),
             container_type=_as_str(raw, "container_type"),
-            container_options=_as_str(raw, "container_options"),
+            container_options=_as_str(raw, "container_options")
+            or catchall_setting(_as_str(raw, "catchall"), ("apptainer_options", "singularity_options")),
             resource_type=_as_str(raw, "resource_type"),
             queue_type=_as_str(raw, "type"),
             pledgedcpu=_as_int(raw, "pledgedcpu", 0),

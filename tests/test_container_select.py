@@ -48,3 +48,17 @@ class ContainerTypeTests(SynchronousTestCase):
         self.assertIsNone(runtime_for("stagein", job(), queue("bubblewrap:payload")))
         self.assertEqual(runtime_for("payload", job(container_name="docker://x"), queue("")), "apptainer")
         self.assertIsNone(runtime_for("payload", job(), queue("")))
+
+
+class CatchallOptionsTests(SynchronousTestCase):
+    def test_container_options_from_catchall(self) -> None:
+        def options(**raw: Any) -> str:
+            return QueueData.from_dict({"nickname": "Q", **raw}, "Q").container_options
+
+        self.assertEqual(
+            options(catchall="x=1 apptainer_options='-B /scratch --contain' y"), "-B /scratch --contain"
+        )
+        self.assertEqual(options(catchall='singularity_options="-c -i"'), "-c -i")
+        self.assertEqual(options(catchall="singularity_options=-c"), "-c")
+        self.assertEqual(options(catchall="apptainer_options='-c'", container_options="-B /a"), "-B /a")
+        self.assertEqual(options(catchall="nothing here"), "")
