@@ -94,3 +94,17 @@ async def mount_small_tmpfs(test: TestCase, directory: Path, size: str) -> None:
     )
     test.assertEqual(code, 0, err)
     test.addCleanup(lambda: getProcessOutputAndValue("/bin/umount", ["-l", str(directory)], reactor=reactor))
+
+
+def bash_job(queue: str, jobpars: str, **extra: Any) -> dict[str, Any]:
+    """A job definition for the dev server: ``/bin/bash <jobpars>`` with a log tarball."""
+    definition: dict[str, Any] = {
+        "computingSite": queue,
+        "prodSourceLabel": "managed",
+        "transformation": "/bin/bash",
+        "jobPars": jobpars,
+        "logFile": "job.log.tgz",
+        "scopeLog": "it",
+    }
+    definition.update(extra)
+    return definition

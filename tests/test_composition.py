@@ -31,7 +31,7 @@ from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
 from pilot.service import PilotService
 
-from .harness import pilot_service, run_to_end
+from .harness import bash_job, pilot_service, run_to_end
 
 reactor: Any = _reactor
 QUEUE = "COMPOSITION_QUEUE"
@@ -39,16 +39,7 @@ NOW = "date +%s.%N"
 
 
 def job(jobpars: str, **extra: Any) -> dict[str, Any]:
-    definition: dict[str, Any] = {
-        "computingSite": QUEUE,
-        "prodSourceLabel": "managed",
-        "transformation": "/bin/bash",
-        "jobPars": jobpars,
-        "logFile": "job.log.tgz",
-        "scopeLog": "it",
-    }
-    definition.update(extra)
-    return definition
+    return bash_job(QUEUE, jobpars, **extra)
 
 
 def step(command: str, args: str = "", **extra: Any) -> str:

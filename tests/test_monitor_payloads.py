@@ -24,7 +24,7 @@ from pilot.errorcodes import ErrorCode
 from pilot.monitor.settings import MonitorSettings
 from pilot.service import PilotService
 
-from .harness import mount_small_tmpfs, pilot_service, run_to_end
+from .harness import bash_job, mount_small_tmpfs, pilot_service, run_to_end
 
 reactor: Any = _reactor
 QUEUE = "MONITOR_QUEUE"
@@ -40,16 +40,7 @@ FAST: dict[str, Any] = {
 
 
 def job(jobpars: str, **extra: Any) -> dict[str, Any]:
-    definition: dict[str, Any] = {
-        "computingSite": QUEUE,
-        "prodSourceLabel": "managed",
-        "transformation": "/bin/bash",
-        "jobPars": jobpars,
-        "logFile": "job.log.tgz",
-        "scopeLog": "it",
-    }
-    definition.update(extra)
-    return definition
+    return bash_job(QUEUE, jobpars, **extra)
 
 
 GOOD = job("-c 'echo fine > fine.txt'", outFiles="fine.txt,job.log.tgz", scopeOut="it")
