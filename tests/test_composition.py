@@ -230,3 +230,38 @@ class StepTests(SynchronousTestCase):
         bad = Step("preprocess", "https://example.org/tools/prep.sh", checksum="ad:00000000")
         failure = self.failureResultOf(Deferred.fromCoroutine(fetch_step(bad, workdir, download)))
         self.assertEqual(failure.value.code, ErrorCode.PREPROCESSFAILURE)
+
+
+class CoprocessStartFailureTests(TestCase):
+    timeout = 60
+
+    async def test_payload_is_stopped_when_the_coprocess_cannot_start(self) -> None:
+        """apptainer for the co-process, not installed: the job fails, no payload is left running."""
+        base = Path(self.mktemp()).absolute()
+        queue = {"timefloor": 10, "container_type": "apptainer:coprocess"}
+        server = await start_dev_server(reactor, base / "server", queues={QUEUE: queue})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        pids = base / "payload.pid"
+        (panda_id,) = await server.submit(
+            [
+                job(
+                    f"-c 'echo $$ > {pids}; sleep 600'",
+                    coprocess=step("/bin/true"),
+                    container_name="docker://x",
+                )
+            ]
+        )
+        environ = {"PATH": "/usr/bin:/bin"}  # no apptainer, no singularity
+        service = pilot_service(
+            server, QUEUE, base / "pilot", getjob_requests=1, environ=environ,
+            monitor=MonitorSettings(min_free_start=0, min_free_running=0), kill_grace=2.0,
+        )  # fmt: skip
+        await run_to_end(service)
+        view = await server.job(panda_id)
+        self.assertEqual(view["jobStatus"], "failed")
+        self.assertEqual(view["pilotErrorCode"], ErrorCode.APPTAINERNOTINSTALLED, view.get("pilotErrorDiag"))
+        if pids.exists():  # the payload may have been stopped before it wrote its pid
+            with self.assertRaises(ProcessLookupError):
+                os.kill(int(pids.read_text()), 0)
+        (payload,) = [r for r in service.summaries[0].processes if r.name == "payload"]
+        self.assertTrue(payload.stopped_by_pilot, "the payload was stopped, not left running")

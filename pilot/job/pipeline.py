@@ -519,13 +519,19 @@ class JobRun:
         co_record: ProcessRecord | None = None
         if coprocess is not None:
             co_record = self._record("coprocess", "coprocess")
-            co_process = launcher.start(
-                "coprocess",
-                "coprocess",
-                step_argv(coprocess),
-                environ,
-                failure=ErrorCode.PAYLOADEXECUTIONFAILURE,
-            )
+            try:
+                co_process = launcher.start(
+                    "coprocess",
+                    "coprocess",
+                    step_argv(coprocess),
+                    environ,
+                    failure=ErrorCode.PAYLOADEXECUTIONFAILURE,
+                )
+            except PilotError:
+                stopped = await process.terminate("the co-process could not start")  # none left behind
+                record.finish(stopped)
+                await self._stop_monitor()
+                raise
             co_record.runtime = launcher.runtimes_used.get("coprocess")
         for utility in utilities:
             if utility.spec.when == "with":
