@@ -307,3 +307,18 @@ class MonitorClockTests(SynchronousTestCase):
         self.monitor(limits=limits, disk_interval=60, memory_interval=10**6)
         self.clock.advance(60)
         self.assertEqual([code for code, _ in self.aborts], [ErrorCode.USERDIRTOOLARGE])
+
+    def test_summary_exact_and_plot_samples_bounded(self) -> None:
+        """Days of samples: the summary stays exact, the plot's samples stay bounded."""
+        from pilot.monitor import prmon_output, watcher
+
+        self.patch(watcher, "MAX_PLOT_SAMPLES", 10)
+        values = [1000 + 37 * i % 500 for i in range(25)]
+        monitor = self.monitor(ScriptedSampler(*values), memory_interval=60)
+        self.clock.pump([60] * 25)
+        self.assertLessEqual(len(monitor.samples), 10)
+        self.assertEqual(monitor.summary.count, 25)
+        self.assertEqual(monitor.current_fields()["maxPSS"], max(values))
+        sampler = ScriptedSampler(*values)
+        everything = [sampler.sample() for _ in values]
+        self.assertEqual(monitor.summary.summary(), prmon_output.summarise(everything))

@@ -281,8 +281,8 @@ class JobRun:
             "debug": bool(self._heartbeat and self._heartbeat.debug),
         }
         monitor = self._monitor
-        if monitor is not None and monitor.samples:
-            section["usage"] = asdict(monitor.samples[-1])
+        if monitor is not None and monitor.last_sample is not None:
+            section["usage"] = asdict(monitor.last_sample)
             section["idle_seconds"] = round(monitor.idle)
         if self._staging is not None and self._staging.metrics.transfers:
             section["last_transfer"] = self._staging.metrics.transfers[-1]
@@ -797,9 +797,9 @@ class JobRun:
         process = self._process
         monitor = self._monitor
         if process is not None and process.running and process.pid is not None:
-            if monitor is not None and monitor.samples:
+            if monitor is not None and monitor.last_sample is not None:
                 extra.update(monitor_update_fields(monitor.current_fields()))
-                last = monitor.samples[-1]
+                last = monitor.last_sample
                 extra["cpu_consumption_time"] = int(last.utime + last.stime)
             else:
                 usage = tree_usage(process.pid)

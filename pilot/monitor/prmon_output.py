@@ -188,30 +188,56 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def summarise(samples: Sequence[Sample], hardware: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """prmon's JSON summary for ``samples``: ``Max``, ``Avg`` and (if given) ``HW``.
+class RunningSummary:
+    """prmon's summary kept up to date sample by sample (constant cost per sample).
 
-    ``hardware`` is prmon's ``HW`` section as is (``{"cpu": {"ModelName": ..., "CPUs": ...},
-    "mem": {"MemTotal": kB}}``); without it the section is left out, as with prmon's
-    ``--suppress-hw-info``.  With no samples there is no ``Max`` or ``Avg`` either: prmon
-    writes them only once it has monitored, and zeros would be taken for measurements.
+    The monitor writes the summary after every sample and sends its fields with every
+    heartbeat; recomputing it from all samples would cost O(n) each time, O(n²) over a
+    job of days at the debug interval.
     """
-    summary: dict[str, Any] = {}
-    if samples:
-        maxima = {
-            column: max(_column_value(sample, column) for sample in samples)
-            for column in COLUMNS
-            if column != "Time"
-        }
-        # prmon divides by the wall time so far, never by zero (wallmon's get_wallclock_t).
-        elapsed = maxima["wtime"] or 1
-        averages = {level: sum(_column_value(s, level) for s in samples) / len(samples) for level in LEVELS}
-        averages.update({counter: maxima[counter] / elapsed for counter in RATES})
-        summary["Avg"] = {name: prmon_average(averages[name]) for name in sorted(averages)}
-        summary["Max"] = {name: maxima[name] for name in sorted(maxima)}
-    if hardware is not None:
-        summary["HW"] = _plain(hardware)
-    return dict(sorted(summary.items()))
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._maxima: dict[str, int] = {}
+        self._sums: dict[str, float] = dict.fromkeys(LEVELS, 0.0)
+
+    def add(self, sample: Sample) -> None:
+        self.count += 1
+        for column in COLUMNS[1:]:
+            value = _column_value(sample, column)
+            if value > self._maxima.get(column, -1):
+                self._maxima[column] = value
+        for level in LEVELS:
+            self._sums[level] += _column_value(sample, level)
+
+    def summary(self, hardware: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """prmon's JSON summary: ``Max``, ``Avg`` and (if given) ``HW``.
+
+        ``hardware`` is prmon's ``HW`` section as is (``{"cpu": {"ModelName": ..., "CPUs": ...},
+        "mem": {"MemTotal": kB}}``); without it the section is left out, as with prmon's
+        ``--suppress-hw-info``.  With no samples there is no ``Max`` or ``Avg`` either: prmon
+        writes them only once it has monitored, and zeros would be taken for measurements.
+        """
+        summary: dict[str, Any] = {}
+        if self.count:
+            maxima = dict(self._maxima)
+            # prmon divides by the wall time so far, never by zero (wallmon's get_wallclock_t).
+            elapsed = maxima["wtime"] or 1
+            averages = {level: self._sums[level] / self.count for level in LEVELS}
+            averages.update({counter: maxima[counter] / elapsed for counter in RATES})
+            summary["Avg"] = {name: prmon_average(averages[name]) for name in sorted(averages)}
+            summary["Max"] = {name: maxima[name] for name in sorted(maxima)}
+        if hardware is not None:
+            summary["HW"] = _plain(hardware)
+        return dict(sorted(summary.items()))
+
+
+def summarise(samples: Sequence[Sample], hardware: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """prmon's JSON summary for ``samples`` (see ``RunningSummary.summary``)."""
+    running = RunningSummary()
+    for sample in samples:
+        running.add(sample)
+    return running.summary(hardware)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

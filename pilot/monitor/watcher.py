@@ -56,6 +56,9 @@ from pilot.queuedata import QueueData
 
 Abort = Callable[[ErrorCode, str], None]
 
+#: Samples kept for the plot; beyond it every other one is dropped (the summary is exact).
+MAX_PLOT_SAMPLES = 4000
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -142,7 +145,9 @@ class JobMonitor:
         self.wall = wall
         self.sampler = sampler or TreeSampler(pid, started=wall(), now=wall)
         self.scanner = WorkdirScanner(workdir, skip=skip)
-        self.samples: list[Sample] = []
+        self.samples: list[Sample] = []  # for the plot: thinned to at most MAX_PLOT_SAMPLES
+        self.last_sample: Sample | None = None
+        self.summary = prmon_output.RunningSummary()
         self.last_scan: WorkdirScan | None = None
         self._last_scan_at = float("-inf")
         self.idle = 0.0
@@ -204,18 +209,16 @@ class JobMonitor:
             await pending
         await self.in_thread(self._write_final)
         self._series.close()
-        summary = prmon_output.summarise(self.samples)
         return MonitorReport(
-            fields=prmon_output.pilot_fields(summary) if self.samples else {},
-            samples=len(self.samples),
-            last=self.samples[-1] if self.samples else None,
+            fields=prmon_output.pilot_fields(self.summary.summary()) if self.summary.count else {},
+            samples=self.summary.count,
+            last=self.last_sample,
         )
 
     def _write_final(self) -> None:
         try:
             if self.write_files:
-                summary = prmon_output.summarise(self.samples)
-                prmon_output.write_summary(self.workdir / prmon_output.SUMMARY_NAME, summary)
+                prmon_output.write_summary(self.workdir / prmon_output.SUMMARY_NAME, self.summary.summary())
             write_plot(self.workdir / PLOT_NAME, self.samples, f"PanDA job {self.panda_id}")
         except OSError as exc:
             self.log.warn("cannot write the monitor summary: {error}", error=exc)
@@ -258,15 +261,17 @@ class JobMonitor:
 
     def _sample_and_record(self) -> Sample | None:
         sample = self.sampler.sample()
-        if sample.nprocs == 0 and self.samples:
+        if sample.nprocs == 0 and self.last_sample is not None:
             return None  # the payload has gone; keep the last real sample
+        self.last_sample = sample
+        self.summary.add(sample)
         self.samples.append(sample)
+        if len(self.samples) > MAX_PLOT_SAMPLES:
+            self.samples = self.samples[::2]  # the plot keeps its shape; memory stays bounded
         if self.write_files:
             try:
                 self._series.append(sample)
-                prmon_output.write_summary(
-                    self.workdir / prmon_output.SUMMARY_NAME, prmon_output.summarise(self.samples)
-                )
+                prmon_output.write_summary(self.workdir / prmon_output.SUMMARY_NAME, self.summary.summary())
             except OSError:
                 pass  # a full disk is the disk check's business
         return sample
@@ -343,9 +348,9 @@ class JobMonitor:
 
     def current_fields(self) -> dict[str, int]:
         """The prmon-derived update fields so far (for heartbeats)."""
-        if not self.samples:
+        if not self.summary.count:
             return {}
-        return prmon_output.pilot_fields(prmon_output.summarise(self.samples))
+        return prmon_output.pilot_fields(self.summary.summary())
 
     # -- debug tails ---------------------------------------------------------------
 
