@@ -246,17 +246,18 @@ with open(opts["--filename"], "w") as handle:
 class ExternalPrmonTests(TestCase):
     timeout = 60
 
-    async def test_queue_asks_for_prmon(self) -> None:
+    async def run_with_prmon(self, program: str, jobpars: str) -> tuple[dict[str, Any], PilotService, Path]:
+        """One job on a queue asking for prmon, with ``program`` as the prmon on PATH."""
         base = Path(self.mktemp()).absolute()
         bin_dir = base / "bin"
         bin_dir.mkdir(parents=True)
         prmon = bin_dir / "prmon"
-        prmon.write_text(STAND_IN_PRMON)
+        prmon.write_text(program)
         prmon.chmod(0o755)
         queue = {"timefloor": 10, "params": {"memory_monitor": "prmon"}}
         server = await start_dev_server(reactor, base / "server", queues={QUEUE: queue})
         self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
-        (panda_id,) = await server.submit([job("-c 'sleep 1'")])
+        (panda_id,) = await server.submit([job(jobpars)])
         environ = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         service = pilot_service(
             server, QUEUE, base / "pilot", monitor=MonitorSettings(**FAST), getjob_requests=1,
@@ -265,10 +266,13 @@ class ExternalPrmonTests(TestCase):
         await run_to_end(service)
         view = await server.job(panda_id)
         self.assertEqual(view["jobStatus"], "finished", view.get("pilotErrorDiag"))
+        assert service.pilot_dir is not None
+        return view, service, service.pilot_dir / f"PanDA_Pilot-{panda_id}"
+
+    async def test_queue_asks_for_prmon(self) -> None:
+        view, _, workdir = await self.run_with_prmon(STAND_IN_PRMON, "-c 'sleep 1'")
         self.assertEqual(final_param(view, "max_pss"), 77777, "prmon's summary gives the memory fields")
         self.assertEqual(final_param(view, "avg_rss"), 22222)
-        assert service.pilot_dir is not None
-        workdir = service.pilot_dir / f"PanDA_Pilot-{panda_id}"
         argv = json.loads((workdir / "prmon.argv.json").read_text())
         self.assertEqual(
             argv,
@@ -282,29 +286,12 @@ class ExternalPrmonTests(TestCase):
 
     async def test_crashed_prmon_is_restarted(self) -> None:
         """A prmon that dies at once is started again (pilot3 allows five restarts)."""
-        base = Path(self.mktemp()).absolute()
-        bin_dir = base / "bin"
-        bin_dir.mkdir(parents=True)
-        prmon = bin_dir / "prmon"
-        crash_once = 'import os, sys\nif not os.path.exists("crashed-once"):\n    open("crashed-once", "w").close()\n    sys.exit(9)\n'
-        prmon.write_text(
-            STAND_IN_PRMON.replace(
-                "import json, os, signal, sys, time\n", "import json, os, signal, sys, time\n" + crash_once
-            )
+        crash_once = (
+            'if not os.path.exists("crashed-once"):\n    open("crashed-once", "w").close()\n    sys.exit(9)\n'
         )
-        prmon.chmod(0o755)
-        queue = {"timefloor": 10, "params": {"memory_monitor": "prmon"}}
-        server = await start_dev_server(reactor, base / "server", queues={QUEUE: queue})
-        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
-        (panda_id,) = await server.submit([job("-c 'sleep 2.5'")])
-        environ = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-        service = pilot_service(
-            server, QUEUE, base / "pilot", monitor=MonitorSettings(**FAST), getjob_requests=1,
-            environ=environ, keep_workdirs=KeepWorkdirs.ALL,
-        )  # fmt: skip
-        await run_to_end(service)
-        view = await server.job(panda_id)
-        self.assertEqual(view["jobStatus"], "finished", view.get("pilotErrorDiag"))
+        first_line = "import json, os, signal, sys, time\n"
+        program = STAND_IN_PRMON.replace(first_line, first_line + crash_once)
+        view, service, _ = await self.run_with_prmon(program, "-c 'sleep 2.5'")
         (record,) = [r for r in service.summaries[0].processes if r.name == "prmon"]
         self.assertEqual(record.restarts, 1)
         self.assertEqual(final_param(view, "max_pss"), 77777, "the restarted prmon's summary is used")
