@@ -113,7 +113,9 @@ class LimitTests(TestCase):
     async def test_memory_above_the_limit(self) -> None:
         """PSS above minRamCount (grace 0) → PAYLOADEXCEEDMAXMEM; the whole tree is killed."""
         pids = self.base / "pids"
-        hog = "import time; x = bytearray(200 << 20); x[::4096] = b'y' * len(x[::4096]); time.sleep(600)"
+        # touch every page (calloc'ed memory is not resident until written); no quotes, as the
+        # whole command is inside jobPars' single quotes
+        hog = "import time; x = bytearray(200 << 20); x[::4096] = bytes([1]) * (len(x) // 4096); time.sleep(600)"
         bad = job(
             f"-c 'sleep 600 & echo $! $$ > {pids}; python3 -c \"{hog}\"'",
             minRamCount=60,

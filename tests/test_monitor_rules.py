@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -184,7 +185,7 @@ class MonitorClockTests(SynchronousTestCase):
             write_files=False,
         )
         monitor.start()
-        self.addCleanup(lambda: monitor.stop())
+        self.addCleanup(lambda: Deferred.fromCoroutine(monitor.stop()))
         return monitor
 
     def test_memory_samples_at_the_interval(self) -> None:
