@@ -229,3 +229,56 @@ class BubblewrapStopTests(TestCase):
         self.assertEqual((workdir / "cleanup.txt").read_text(), "cleaned up\n", "the trap ran")
         self.assertEqual(outcome.exit_code, 3, "the payload's own exit status, not a SIGKILL")
         self.assertLess(outcome.ended - outcome.started, 10.0, "ended within the grace, no escalation")
+
+
+class BubblewrapStagingTests(TestCase):
+    """Copytools in the queue's middleware container: ``bubblewrap:middleware``."""
+
+    timeout = 120
+
+    async def test_stage_in_and_out_in_bubblewrap(self) -> None:
+        if shutil.which("bwrap") is None:
+            if os.environ.get("CI"):
+                self.fail("bubblewrap (bwrap) is required in CI (.ci/install-services.sh)")
+            raise SkipTest("bwrap is not installed")
+        base = Path(self.mktemp()).absolute()
+        storage = base / "SITE"
+        data = b"input for a contained copytool\n"
+        source = storage / rucio_path("mc", "in1.root")
+        source.parent.mkdir(parents=True)
+        source.write_bytes(data)
+        queuedata = {
+            "timefloor": 10,
+            "container_type": "bubblewrap:middleware",
+            "copytools": {"cp": {}},
+            "acopytools": {"pr": ["cp"], "pw": ["cp"], "pl": ["cp"]},
+            "astorages": {"read_lan": ["SITE"], "pw": ["SITE"], "pl": ["SITE"]},
+        }
+        server = await start_dev_server(reactor, base / "server", queues={QUEUE: queuedata})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        (panda_id,) = await server.submit(
+            [
+                {
+                    "computingSite": QUEUE, "prodSourceLabel": "managed", "transformation": "/bin/bash",
+                    "jobPars": "-c 'cp in1.root out1.root'", "inFiles": "in1.root", "scopeIn": "mc",
+                    "ddmEndPointIn": "SITE", "fsize": str(len(data)), "checksum": f"ad:{adler(data)}",
+                    "GUID": "11111111-1111-1111-1111-111111111111", "outFiles": "out1.root,job.log.tgz",
+                    "scopeOut": "mc", "logFile": "job.log.tgz", "scopeLog": "mc",
+                }
+            ]
+        )  # fmt: skip
+        storage_data = StorageData.from_document(
+            {"SITE": {"arprotocols": {"read_lan": [{"endpoint": "file://", "path": str(storage)}],
+                                      "write_lan": [{"endpoint": "file://", "path": str(storage)}]}}}
+        )  # fmt: skip
+        pilot_base = base / "pilot"
+        service = pilot_service(
+            server, QUEUE, pilot_base, staging=StagingSetup(storage=storage_data, records_dir=pilot_base),
+            getjob_requests=1, monitor=MonitorSettings(min_free_start=0, min_free_running=0),
+        )  # fmt: skip
+        await run_to_end(service)
+        view = await server.job(panda_id)
+        self.assertEqual(view["jobStatus"], "finished", view.get("pilotErrorDiag"))
+        self.assertEqual(service.summaries[0].runtimes, {"stagein": "bubblewrap", "stageout": "bubblewrap"})
+        self.assertEqual((storage / rucio_path("mc", "out1.root")).read_bytes(), data)
+        self.assertTrue((storage / rucio_path("mc", "job.log.tgz")).exists(), "the log went out too")

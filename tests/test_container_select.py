@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -62,3 +63,32 @@ class CatchallOptionsTests(SynchronousTestCase):
         self.assertEqual(options(catchall="singularity_options=-c"), "-c")
         self.assertEqual(options(catchall="apptainer_options='-c'", container_options="-B /a"), "-B /a")
         self.assertEqual(options(catchall="nothing here"), "")
+
+
+class CopytoolBindTests(SynchronousTestCase):
+    def test_binds_for_a_copytool_command(self) -> None:
+        from pilot.container.spec import Bind
+        from pilot.job.launcher import binds_for
+
+        base = Path(self.mktemp()).absolute()
+        workdir, storage, venv = base / "work", base / "storage", base / "venv"
+        for directory in (workdir, storage / "in", venv / "bin"):
+            directory.mkdir(parents=True)
+        (storage / "in" / "a.root").write_text("x")
+        (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+        (venv / "bin" / "python").write_text("")
+        proxy = base / "x509up"
+        proxy.write_text("pem")
+        argv = [str(venv / "bin" / "python"), "/usr/bin/cp", str(storage / "in" / "a.root"),
+                str(workdir / "a.root"), str(storage / "out" / "b.root"), "root://host//x"]  # fmt: skip
+        (storage / "out").mkdir()
+        binds = binds_for(argv, {"X509_USER_PROXY": str(proxy), "PATH": "/usr/bin:/bin"}, workdir)
+        self.assertEqual(
+            binds,
+            [
+                Bind(venv, venv, read_only=True),
+                Bind(storage / "in" / "a.root", storage / "in" / "a.root", read_only=True),
+                Bind(storage / "out", storage / "out", read_only=False),
+                Bind(proxy, proxy, read_only=True),
+            ],
+        )

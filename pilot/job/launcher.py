@@ -10,18 +10,47 @@ a pilot-side shell command.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
-from pilot.container.spec import ContainerSpec
+from pilot.container.spec import Bind, ContainerSpec, Launch
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.interfaces import IContainerRuntime, IExperiment
 from pilot.job.model import Job
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 from pilot.queuedata import QueueData
+from pilot.staging.tools.base import CommandWrapper
+
+#: Host trees every runtime already provides (read-only): nothing in them needs a bind.
+_SYSTEM = ("/usr/", "/bin/", "/sbin/", "/lib", "/etc/", "/opt/", "/cvmfs/")
+
+
+def binds_for(argv: Sequence[str], environ: Mapping[str, str], workdir: Path) -> list[Bind]:
+    """The binds a command needs for the absolute paths it names outside the work directory."""
+    binds: dict[Path, Bind] = {}
+    candidates = [a for a in argv if a.startswith("/")]
+    candidates += [v for v in environ.values() if v.startswith("/") and os.pathsep not in v]
+    for text in candidates:
+        path = Path(text)
+        if path == workdir or workdir in path.parents or text.startswith(_SYSTEM):
+            continue
+        if path.is_file():
+            # a client in a virtual environment needs the environment, not just its binary
+            source = (
+                path.parent.parent
+                if path.parent.name == "bin" and (path.parent.parent / "pyvenv.cfg").exists()
+                else path
+            )
+            binds.setdefault(source, Bind(source, source, read_only=True))
+        elif path.is_dir():
+            binds.setdefault(path, Bind(path, path, read_only=True))
+        elif path.parent.is_dir():  # a destination still to be written
+            binds[path.parent] = Bind(path.parent, path.parent, read_only=False)
+    return list(binds.values())
 
 
 def _runtimes() -> dict[str, IContainerRuntime]:
@@ -59,65 +88,91 @@ class ProcessLauncher:
         self.control = control
         self.runtimes_used: dict[str, str] = {}  # role → runtime, for the job summary
 
+    def wrap(
+        self, role: str, argv: Sequence[str], environ: Mapping[str, str], *, binds: Sequence[Bind] = ()
+    ) -> Launch | None:
+        """``argv`` wrapped for its role's container runtime, or None when the role has none."""
+        runtime_name = self.experiment.container_runtime(role, self.job, self.queuedata)
+        if not runtime_name:
+            return None
+        runtime = _runtimes().get(runtime_name)
+        if runtime is None or not runtime.available(self.pilot_environ):
+            code = (
+                ErrorCode.APPTAINERNOTINSTALLED
+                if runtime_name == "apptainer"
+                else ErrorCode.QUEUENOTSETUPFORCONTAINERS
+            )
+            raise PilotError(code, f"container runtime {runtime_name} for {role} is not installed")
+        # Only image-based runtimes take an image; bubblewrap runs the host's system.
+        image = (
+            self.experiment.container_image(self.job, self.queuedata)
+            if runtime_name != "bubblewrap"
+            else None
+        )
+        if runtime_name == "apptainer" and image is None:
+            raise PilotError(ErrorCode.IMAGENOTFOUND, f"no container image for the {role} (apptainer)")
+        spec = ContainerSpec(
+            role=role,
+            argv=list(argv),
+            env=dict(environ),
+            workdir=self.workdir,
+            image=image,
+            options=self.queuedata.container_options,
+            binds=tuple(binds),
+            hidden=self.hidden,
+        )
+        try:
+            launch = runtime.wrap(spec, self.pilot_environ)
+        except FileNotFoundError as exc:
+            raise PilotError(ErrorCode.QUEUENOTSETUPFORCONTAINERS, str(exc)) from None
+        except ValueError as exc:  # the runtime refuses the image, options or binds
+            code = (
+                ErrorCode.IMAGENOTFOUND
+                if "image" in str(exc).lower()
+                else ErrorCode.SINGULARITYGENERALFAILURE
+            )
+            raise PilotError(code, str(exc)) from None
+        self.runtimes_used[role] = runtime_name
+        return launch
+
     def build(
         self, role: str, name: str, argv: Sequence[str], environ: Mapping[str, str], *, failure: ErrorCode
     ) -> ManagedProcess:
         """The ``ManagedProcess`` for ``argv`` in ``role`` (wrapped in a container if asked)."""
-        launch_argv, launch_env = list(argv), dict(environ)
-        shield = 0
-        runtime_name = self.experiment.container_runtime(role, self.job, self.queuedata)
-        if runtime_name:
-            runtime = _runtimes().get(runtime_name)
-            if runtime is None or not runtime.available(self.pilot_environ):
-                code = (
-                    ErrorCode.APPTAINERNOTINSTALLED
-                    if runtime_name == "apptainer"
-                    else ErrorCode.QUEUENOTSETUPFORCONTAINERS
-                )
-                raise PilotError(code, f"container runtime {runtime_name} for {role} is not installed")
-            # Only image-based runtimes take an image; bubblewrap runs the host's system.
-            image = (
-                self.experiment.container_image(self.job, self.queuedata)
-                if runtime_name != "bubblewrap"
-                else None
-            )
-            if runtime_name == "apptainer" and image is None:
-                raise PilotError(ErrorCode.IMAGENOTFOUND, f"no container image for the {role} (apptainer)")
-            spec = ContainerSpec(
-                role=role,
-                argv=list(argv),
-                env=dict(environ),
-                workdir=self.workdir,
-                image=image,
-                options=self.queuedata.container_options,
-                hidden=self.hidden,
-            )
-            try:
-                launch = runtime.wrap(spec, self.pilot_environ)
-            except FileNotFoundError as exc:
-                raise PilotError(ErrorCode.QUEUENOTSETUPFORCONTAINERS, str(exc)) from None
-            except ValueError as exc:  # the runtime refuses the image, options or binds
-                code = (
-                    ErrorCode.IMAGENOTFOUND
-                    if "image" in str(exc).lower()
-                    else ErrorCode.SINGULARITYGENERALFAILURE
-                )
-                raise PilotError(code, str(exc)) from None
-            launch_argv, launch_env, shield = launch.argv, launch.env, launch.shield_levels
-            self.runtimes_used[role] = runtime_name
+        launch = self.wrap(role, argv, environ)
+        if launch is None:
+            launch = Launch(argv=list(argv), env=dict(environ))
         return ManagedProcess(
             self.spawner,
             self.clock,
-            launch_argv,
-            env=launch_env,
+            launch.argv,
+            env=launch.env,
             cwd=self.workdir,
             stdout=self.workdir / f"{name}.stdout",
             stderr=self.workdir / f"{name}.stderr",
             kill_grace=self.kill_grace,
             name=f"{name} of job {self.job.panda_id}",
             control=self.control,
-            soft_stop_depth=shield,
+            soft_stop_depth=launch.shield_levels,
         )
+
+    def copytool_wrapper(self, role: str) -> CommandWrapper | None:
+        """For copytools (``stagein``/``stageout`` roles): wraps each command, binding what it names.
+
+        A copytool command names paths outside the work directory (a mounted storage area,
+        the proxy, a client's virtual environment); they are bound into the container:
+        existing files read-only, a destination that does not exist yet through its
+        directory, read-write.  None when the role runs without a container.
+        """
+        if not self.experiment.container_runtime(role, self.job, self.queuedata):
+            return None
+
+        def wrap(argv: Sequence[str], environ: Mapping[str, str]) -> Launch:
+            launch = self.wrap(role, argv, environ, binds=binds_for(argv, environ, self.workdir))
+            assert launch is not None
+            return launch
+
+        return wrap
 
     def start(
         self, role: str, name: str, argv: Sequence[str], environ: Mapping[str, str], *, failure: ErrorCode

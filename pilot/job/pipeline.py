@@ -167,6 +167,7 @@ class JobRun:
         self._monitor_report: MonitorReport | None = None
         self._analysis: PayloadAnalysis | None = None
         self._prmon: ExternalPrmon | None = None
+        self._launcher: ProcessLauncher | None = None
 
     # -- control from outside ------------------------------------------------------
 
@@ -298,6 +299,7 @@ class JobRun:
         problem = await self.env.in_thread(self.env.experiment.verify_setup, job, self.workdir)
         if problem:
             raise PilotError(ErrorCode.SETUPFAILURE, problem)
+        self._launcher = self._make_launcher(job, self.workdir)
         self._staging = JobStaging(
             job,
             self.workdir,
@@ -308,6 +310,8 @@ class JobRun:
             in_thread=self.env.in_thread,
             control=self.env.process_control,
             catalog_name=self.env.experiment.file_catalog_name(job),
+            wrap_in=self._launcher.copytool_wrapper("stagein"),
+            wrap_out=self._launcher.copytool_wrapper("stageout"),
         )
         if state is not None:
             await self._send(state)
@@ -376,7 +380,7 @@ class JobRun:
         if staging is not None and staging.catalog is not None:
             environ.update(experiment.input_environment(job, staging.catalog, staging.turls))
         environ.update(await self.env.in_thread(write_job_credentials, job, workdir))
-        launcher = self._make_launcher(job, workdir)
+        launcher = self._launcher or self._make_launcher(job, workdir)
         utilities = [
             Utility(
                 spec=spec,
@@ -857,6 +861,8 @@ class JobRun:
             "total": round(self.summary.ended_at - self.summary.received_at, 3),
         }
         self.summary.outputs = {f.lfn: f.report_entry() for f in self._reported}
+        if self._launcher is not None:
+            self.summary.runtimes = dict(self._launcher.runtimes_used)
         if self._staging is not None:
             self.summary.transfers = self._staging.metrics.transfers
         self.log.info(

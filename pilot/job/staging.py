@@ -33,7 +33,7 @@ from pilot.staging.plan import FileTransfer, plan_stage_in, plan_stage_out, stag
 from pilot.staging.record import TransferRecord
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.storage import StorageData
-from pilot.staging.tools.base import ToolContext
+from pilot.staging.tools.base import CommandWrapper, ToolContext
 
 _MB = 1024 * 1024
 
@@ -102,6 +102,8 @@ class JobStaging:
         in_thread: ThreadRunner,
         control: ProcessControl = OS_PROCESS_CONTROL,
         catalog_name: str = "PoolFileCatalog.xml",
+        wrap_in: CommandWrapper | None = None,
+        wrap_out: CommandWrapper | None = None,
     ) -> None:
         self.catalog_name = catalog_name
         self.job = job
@@ -121,6 +123,8 @@ class JobStaging:
             http=setup.http,
             credentials=setup.credentials,
             control=control,
+            wrap_in=wrap_in,
+            wrap_out=wrap_out,
             setup={
                 "trace": {"pq": queuedata.name, "taskid": str(job.task_id or ""), "localSite": queuedata.site}
             },

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,12 +12,17 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
+from pilot.container.spec import Launch
 from pilot.errorcodes import ErrorCode
+from pilot.errors import PilotError
 from pilot.job.outputs import ThreadRunner
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 from pilot.staging.credentials import Credentials
 from pilot.staging.errors import classify
 from pilot.staging.transfer import CopyRequest, TransferError
+
+#: Wraps a copytool command (argv, environment) for the stage-in/out container, if any.
+CommandWrapper = Callable[[Sequence[str], Mapping[str, str]], Launch]
 
 
 @dataclass
@@ -33,6 +38,10 @@ class ToolContext:
     credentials: Credentials = field(default_factory=lambda: Credentials({}))
     control: ProcessControl = OS_PROCESS_CONTROL
     setup: Mapping[str, Any] = field(default_factory=dict)
+    #: Per direction, the container wrapper of copytool commands (queue ``container_type``
+    #: roles ``stagein``/``stageout``); None: commands run on the host.
+    wrap_in: CommandWrapper | None = None
+    wrap_out: CommandWrapper | None = None
     _serial: list[int] = field(default_factory=lambda: [0])
 
     def next_log(self, tool: str, lfn: str) -> Path:
@@ -72,17 +81,27 @@ async def run_command(
     engine does on a time-out) kills the whole group.
     """
     log = context.next_log(tool, request.lfn)
+    environ = env if env is not None else context.env
+    wrapper = context.wrap_in if request.stage_in else context.wrap_out
+    shield = 0
+    if wrapper is not None:
+        try:
+            launch = wrapper(argv, environ)
+        except PilotError as exc:
+            raise TransferError(exc.code, exc.detail, retry_elsewhere=False) from None
+        argv, environ, shield = launch.argv, launch.env, launch.shield_levels
     process = ManagedProcess(
         context.spawner,
         context.clock,
         argv,
-        env=env if env is not None else context.env,
+        env=environ,
         cwd=cwd or context.logdir,
         stdout=log,
         stderr=log,
         kill_grace=5.0,
         name=f"{tool} {request.lfn}",
         control=context.control,
+        soft_stop_depth=shield,
     )
     try:
         process.start()
