@@ -260,8 +260,9 @@ class CoprocessStartFailureTests(TestCase):
         view = await server.job(panda_id)
         self.assertEqual(view["jobStatus"], "failed")
         self.assertEqual(view["pilotErrorCode"], ErrorCode.APPTAINERNOTINSTALLED, view.get("pilotErrorDiag"))
-        if pids.exists():  # the payload may have been stopped before it wrote its pid
+        written = pids.read_text().strip() if pids.exists() else ""
+        if written:  # the payload may have been stopped before it wrote its pid
             with self.assertRaises(ProcessLookupError):
-                os.kill(int(pids.read_text()), 0)
+                os.kill(int(written), 0)
         (payload,) = [r for r in service.summaries[0].processes if r.name == "payload"]
         self.assertTrue(payload.stopped_by_pilot, "the payload was stopped, not left running")
