@@ -195,6 +195,8 @@ class Utility:
         self.record.finish(outcome)
         if self._stopping or self.spec.when == "after":
             return
+        if outcome.exit_code == 0 and outcome.signal is None:
+            return  # ended on its own terms (prmon does when the payload has gone): not a crash
         if self.record.restarts >= self.spec.max_restarts:
             log.warn(
                 "utility {name} ended ({exit}, signal {sig}) and was restarted {n} times: giving up",

@@ -21,7 +21,8 @@ class UtilitySpec:
     ``when``: ``before`` (started before the payload, stopped after it), ``with``
     (started once the payload runs; ``{payload_pid}`` in ``argv`` is its pid) or
     ``after`` (run to completion after the payload).  A ``before``/``with`` utility that
-    exits is restarted up to ``max_restarts`` times; it is stopped with ``stop_signal``
+    crashes (non-zero exit or a signal) is restarted up to ``max_restarts`` times; one that
+    exits with 0 has finished its work and is left alone.  It is stopped with ``stop_signal``
     (then SIGKILL) when the payload has ended.
     """
 
