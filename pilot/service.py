@@ -53,6 +53,7 @@ from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
 from pilot.server.client import JobRequest, PandaClient, ServerError, ServerRefused, StatusCode
 from pilot.staging.storage import StorageData
+from pilot.util.files import write_text_atomically
 
 T = TypeVar("T")
 
@@ -583,8 +584,6 @@ class PilotService(Service):
         }
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(document, indent=1), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomically(path, json.dumps(document, indent=1), durable=False)
         except OSError as exc:
             self.log.error("cannot write summary file {path}: {error}", path=path, error=exc.strerror)

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pilot.monitor.prmon_output import write_text_atomically
 from pilot.monitor.sample import Sample
+from pilot.util.files import write_text_atomically
 
 PLOT_NAME = "memory_monitor_plot.svg"
 

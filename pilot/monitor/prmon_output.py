@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 from pilot.monitor.sample import LEVELS, Sample
+from pilot.util.files import write_text_atomically
 
 TIME_SERIES_NAME = "memory_monitor_output.txt"
 SUMMARY_NAME = "memory_monitor_summary.json"
@@ -238,29 +237,6 @@ def summarise(samples: Sequence[Sample], hardware: Mapping[str, Any] | None = No
     for sample in samples:
         running.add(sample)
     return running.summary(hardware)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old file or the new one, never half.
-
-    The temporary file is unique (several writers cannot clobber each other's) and in the
-    same directory (``os.replace`` is atomic only within one file system); it is synced
-    before the rename so that a crash cannot leave an empty file under the final name.
-    """
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the file from site tools
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:

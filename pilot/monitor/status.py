@@ -8,7 +8,6 @@ holds the current job, its state and phase, its resource use and the last transf
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,17 +15,15 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from pilot.job.outputs import ThreadRunner
+from pilot.util.files import write_text_atomically
 
 STATUS_NAME = "pilot_status.json"
 
 
 def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
     """Write ``document`` so that a reader sees the old or the new file, never half of one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w") as handle:
-        json.dump(document, handle, indent=1, sort_keys=True, default=str)
-        handle.write("\n")
-    os.replace(temporary, path)
+    text = json.dumps(document, indent=1, sort_keys=True, default=str) + "\n"
+    write_text_atomically(path, text, durable=False)  # rewritten at every heartbeat
 
 
 class StatusFile:
