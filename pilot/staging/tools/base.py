@@ -129,6 +129,21 @@ def _read_tail(path: Path, limit: int = 16384) -> str:
         return ""
 
 
+async def run_copy(
+    context: ToolContext,
+    argv: Sequence[str],
+    request: CopyRequest,
+    *,
+    tool: str,
+    env: Mapping[str, str] | None = None,
+) -> CommandOutput:
+    """``run_command`` for a copy that must succeed: a non-zero exit is a classified TransferError."""
+    output = await run_command(context, argv, request, tool=tool, env=env)
+    if output.exit_code != 0:
+        raise failed(output, request, tool)
+    return output
+
+
 def failed(output: CommandOutput, request: CopyRequest, tool: str) -> TransferError:
     """The TransferError for a command that did not exit 0."""
     what = f"exit {output.exit_code}" if output.signal is None else f"signal {output.signal}"

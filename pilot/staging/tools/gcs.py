@@ -22,7 +22,7 @@ from zope.interface import implementer
 from pilot.errorcodes import ErrorCode
 from pilot.interfaces import ICopyTool
 from pilot.staging.tools.base import ToolContext
-from pilot.staging.tools.streaming import CountingReader, download_body
+from pilot.staging.tools.streaming import CountingReader, receive_download
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 from pilot.util.checksum import file_facts
 
@@ -70,11 +70,7 @@ class GcsTool:
             or f"{self._api(request)}/storage/v1/b/{bucket}/o/{quote(name, safe='')}?alt=media"
         )
         response = await context.http.get(url, headers=self._headers(request, context))
-        if response.code != 200:
-            body = (await treq.content(response))[:300].decode("utf-8", errors="replace")
-            raise self._error(response.code, body, request)
-        sink = await download_body(response, request.local, request.progress)
-        return CopyResult(local_checksum=sink.adler32, remote_url=request.remote)
+        return await receive_download(response, request, self._error)
 
     async def _put(self, request: CopyRequest, context: ToolContext) -> CopyResult:
         assert context.http is not None, "GCS needs an HTTP client"

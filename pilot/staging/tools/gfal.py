@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
 from pilot.interfaces import ICopyTool
-from pilot.staging.tools.base import ToolContext, failed, find_executable, run_command
+from pilot.staging.tools.base import ToolContext, find_executable, run_copy
 from pilot.staging.tools.xrdcp import XRD_DEFAULTS
 from pilot.staging.transfer import CopyRequest, CopyResult
 
@@ -51,9 +51,7 @@ class GfalTool:
             verified = True
         argv += [source, destination]
         env = {**XRD_DEFAULTS, **context.env}
-        output = await run_command(context, argv, request, tool=self.name, env=env)
-        if output.exit_code != 0:
-            raise failed(output, request, self.name)
+        await run_copy(context, argv, request, tool=self.name, env=env)
         return CopyResult(
             remote_checksum=request.checksum if verified else None,
             remote_url=request.remote,

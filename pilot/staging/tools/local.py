@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
 from pilot.interfaces import ICopyTool
-from pilot.staging.tools.base import ToolContext, failed, find_executable, run_command
+from pilot.staging.tools.base import ToolContext, find_executable, run_copy
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 from pilot.staging.urls import local_path
 
@@ -65,11 +65,9 @@ class LocalCopyTool:
         if not request.stage_in:
             created = not await context.in_thread(_prepare_destination, Path(destination))
         try:
-            output = await run_command(
+            await run_copy(
                 context, [program, *self._arguments, "--", source, destination], request, tool=self.name
             )
-            if output.exit_code != 0:
-                raise failed(output, request, self.name)
         except BaseException:
             if created:  # a partial copy on the storage is worse than none
                 await context.in_thread(Path(destination).unlink, True)

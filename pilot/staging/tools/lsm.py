@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
 from pilot.interfaces import ICopyTool
-from pilot.staging.tools.base import ToolContext, failed, find_executable, run_command
+from pilot.staging.tools.base import ToolContext, find_executable, run_copy
 from pilot.staging.transfer import CopyRequest, CopyResult
 
 
@@ -31,11 +31,7 @@ class LsmTool:
 
     async def _get(self, request: CopyRequest, context: ToolContext) -> CopyResult:
         program = find_executable("lsm-get", context.env, ErrorCode.STAGEINFAILED)
-        output = await run_command(
-            context, [program, request.remote, str(request.local)], request, tool=self.name
-        )
-        if output.exit_code != 0:
-            raise failed(output, request, self.name)
+        await run_copy(context, [program, request.remote, str(request.local)], request, tool=self.name)
         return CopyResult(remote_url=request.remote)
 
     async def _put(self, request: CopyRequest, context: ToolContext) -> CopyResult:
@@ -50,9 +46,7 @@ class LsmTool:
         if request.guid:
             argv += ["--guid", request.guid]
         argv += [str(request.local), request.remote]
-        output = await run_command(context, argv, request, tool=self.name)
-        if output.exit_code != 0:
-            raise failed(output, request, self.name)
+        await run_copy(context, argv, request, tool=self.name)
         return CopyResult(remote_checksum=request.checksum, remote_url=request.remote, verified_remotely=True)
 
 

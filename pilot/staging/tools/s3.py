@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import treq
 from twisted.internet.defer import Deferred
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
@@ -29,7 +28,7 @@ from pilot.errorcodes import ErrorCode
 from pilot.interfaces import ICopyTool
 from pilot.staging.credentials import S3Keys
 from pilot.staging.tools.base import ToolContext
-from pilot.staging.tools.streaming import CountingReader, download_body
+from pilot.staging.tools.streaming import CountingReader, body_snippet, receive_download
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 from pilot.util.checksum import file_facts
 
@@ -125,11 +124,7 @@ class S3Tool:
         assert context.http is not None, "S3 needs an HTTP client"
         url = http_url(request.remote, request.settings)
         response = await context.http.get(url, headers=self._headers("GET", url, request, context, {}))
-        if response.code != 200:
-            body = (await treq.content(response))[:300].decode("utf-8", errors="replace")
-            raise self._error(response.code, body, request)
-        sink = await download_body(response, request.local, request.progress)
-        return CopyResult(local_checksum=sink.adler32, remote_url=request.remote)
+        return await receive_download(response, request, self._error)
 
     async def _put(self, request: CopyRequest, context: ToolContext) -> CopyResult:
         assert context.http is not None, "S3 needs an HTTP client"
@@ -148,7 +143,7 @@ class S3Tool:
         try:
             producer = FileBodyProducer(reader)  # type: ignore[no-untyped-call]
             response = await context.http.put(url, data=producer, headers=headers)
-            body = (await treq.content(response))[:300].decode("utf-8", errors="replace")
+            body = await body_snippet(response)
         finally:
             handle.close()
         if response.code not in (200, 201):

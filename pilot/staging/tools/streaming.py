@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.iweb import IResponse
 
 from pilot.job.model import Checksum
+from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 from pilot.util.checksum import RunningChecksum
 
 
@@ -76,3 +77,19 @@ async def download_body(
     finally:
         sink.close()
     return sink
+
+
+async def body_snippet(response: IResponse) -> str:
+    """The start of a response body, for an error message (servers explain refusals there)."""
+    content: bytes = await treq.content(response)
+    return content[:300].decode("utf-8", errors="replace")
+
+
+async def receive_download(
+    response: IResponse, request: CopyRequest, error: Callable[[int, str, CopyRequest], TransferError]
+) -> CopyResult:
+    """A GET's response into ``request.local`` (adler32 on the way), or ``error`` unless 200."""
+    if response.code != 200:
+        raise error(response.code, await body_snippet(response), request)
+    sink = await download_body(response, request.local, request.progress)
+    return CopyResult(local_checksum=sink.adler32, remote_url=request.remote)

@@ -20,7 +20,7 @@ from pilot.errorcodes import ErrorCode
 from pilot.interfaces import IBulkCopyTool, ICopyTool
 from pilot.job.model import Checksum
 from pilot.staging.errors import classify
-from pilot.staging.tools.base import ToolContext, failed, find_executable, run_command
+from pilot.staging.tools.base import ToolContext, find_executable, run_command, run_copy
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 
 #: Fail fast on unreachable endpoints instead of XrdCl's default minutes of retries.
@@ -55,9 +55,7 @@ class XrdcpTool:
             verified = True
         argv += [source, destination]
         env = {**XRD_DEFAULTS, **context.env}
-        output = await run_command(context, argv, request, tool=self.name, env=env)
-        if output.exit_code != 0:
-            raise failed(output, request, self.name)
+        await run_copy(context, argv, request, tool=self.name, env=env)
         return CopyResult(
             remote_checksum=request.checksum if verified else None,
             remote_url=request.remote,
