@@ -27,9 +27,9 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from pilot.container.apptainer import ApptainerRuntime
-from pilot.container.bubblewrap import SYSTEM_TREES, BubblewrapRuntime
+from pilot.container.bubblewrap import BubblewrapRuntime
 from pilot.container.registry import runtime_named, runtimes
-from pilot.container.spec import Bind, ContainerSpec, Launch
+from pilot.container.spec import SYSTEM_TREES, Bind, ContainerSpec, Launch
 from pilot.interfaces import IContainerRuntime
 from pilot.process.runner import ManagedProcess
 

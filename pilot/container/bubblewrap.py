@@ -47,12 +47,8 @@ from pathlib import Path, PurePosixPath
 
 from zope.interface import implementer
 
-from pilot.container.spec import ContainerSpec, Launch
+from pilot.container.spec import SYSTEM_TREES, ContainerSpec, Launch
 from pilot.interfaces import IContainerRuntime
-
-#: Host trees bound read-only when they exist (symlinks into another of them, as on
-#: merged-/usr systems, are recreated as symlinks).
-SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/cvmfs")
 
 #: Files that are often symlinks out of /etc into trees we do not bind (systemd-resolved
 #: keeps resolv.conf in /run): their targets are bound read-only so name lookups work.

@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: Host trees a host-based runtime (bubblewrap) shows read-only; paths in them need no bind.
+SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/cvmfs")
+
 #: The process roles a queue's ``container_type`` can assign runtimes to.
 ROLES = ("payload", "preprocess", "coprocess", "postprocess", "utility", "stagein", "stageout")
 

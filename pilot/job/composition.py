@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shlex
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from pilot.job.model import Job
 from pilot.job.processes import PAYLOAD_PID, UtilitySpec
 from pilot.logs import pilot_observer
 from pilot.process.runner import ManagedProcess, ProcessOutcome
+from pilot.util.checksum import RunningChecksum
 
 log = Logger(observer=pilot_observer)
 
@@ -95,10 +95,11 @@ def _verify(data: bytes, checksum: str) -> str | None:
     kind = kind.lower()
     if kind == "sha256":
         actual = hashlib.sha256(data).hexdigest()
-    elif kind in ("ad", "adler32"):
-        actual = f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
-    elif kind in ("md", "md5"):
-        actual = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    elif kind in ("ad", "adler32", "md", "md5"):
+        running = RunningChecksum(md5=kind.startswith("md"))
+        running.update(data)
+        facts = running.facts()
+        actual = facts.adler32 if kind.startswith("ad") else str(facts.md5)
     else:
         return f"unknown checksum type {kind!r}"
     return None if actual == value.lower() else f"{kind} {actual} != {value.lower()}"

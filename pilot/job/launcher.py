@@ -16,7 +16,7 @@ from pathlib import Path
 
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
-from pilot.container.spec import Bind, ContainerSpec, Launch
+from pilot.container.spec import SYSTEM_TREES, Bind, ContainerSpec, Launch
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.interfaces import IContainerRuntime, IExperiment
@@ -25,8 +25,9 @@ from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessCont
 from pilot.queuedata import QueueData
 from pilot.staging.tools.base import CommandWrapper
 
-#: Host trees every runtime already provides (read-only): nothing in them needs a bind.
-_SYSTEM = ("/usr/", "/bin/", "/sbin/", "/lib", "/etc/", "/opt/", "/cvmfs/")
+
+def _in_system_tree(path: Path) -> bool:
+    return any(path == Path(tree) or Path(tree) in path.parents for tree in SYSTEM_TREES)
 
 
 def binds_for(argv: Sequence[str], environ: Mapping[str, str], workdir: Path) -> list[Bind]:
@@ -36,7 +37,7 @@ def binds_for(argv: Sequence[str], environ: Mapping[str, str], workdir: Path) ->
     candidates += [v for v in environ.values() if v.startswith("/") and os.pathsep not in v]
     for text in candidates:
         path = Path(text)
-        if path == workdir or workdir in path.parents or text.startswith(_SYSTEM):
+        if path == workdir or workdir in path.parents or _in_system_tree(path):
             continue
         if path.is_file():
             # a client in a virtual environment needs the environment, not just its binary
