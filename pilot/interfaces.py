@@ -97,7 +97,10 @@ class IContainerRuntime(Interface):
         """The launcher argv and environment that run ``spec`` in a container.
 
         ``environ`` is the pilot's environment (to find executables).  Secrets in
-        ``spec.env`` must never end up on the launcher's command line.
+        ``spec.env`` must never end up on the launcher's command line.  Raises
+        ``FileNotFoundError`` when the runtime is not installed, ``ImageError`` (a
+        ``ValueError``) for an image problem and ``ValueError`` for anything else it
+        cannot honour.
         """
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from zope.interface import implementer
 
-from pilot.container.spec import Bind, ContainerSpec, Launch
+from pilot.container.spec import Bind, ContainerSpec, ImageError, Launch
 from pilot.interfaces import IContainerRuntime
 
 #: ``exec`` flags that take a value (long name -> shorthand or "").
@@ -317,13 +317,13 @@ class ApptainerRuntime:
         if executable is None:
             raise FileNotFoundError("neither apptainer nor singularity is on PATH")
         if not spec.image:
-            raise ValueError(f"no container image for the {spec.role} (apptainer needs one)")
+            raise ImageError(f"no container image for the {spec.role} (apptainer needs one)")
         image = spec.image
         if image.startswith("-"):
-            raise ValueError(f"container image {image!r} would be read as an option")
+            raise ImageError(f"container image {image!r} would be read as an option")
         workdir = os.path.normpath(os.path.abspath(spec.workdir))
         if not _URI.match(image) and not os.path.exists(os.path.join(workdir, image)):
-            raise ValueError(f"container image {image} does not exist")
+            raise ImageError(f"container image {image} does not exist")
         if not spec.argv:
             raise ValueError("nothing to run: empty argv")
         singularity = os.path.basename(executable) == "singularity"

@@ -47,7 +47,7 @@ from pathlib import Path, PurePosixPath
 
 from zope.interface import implementer
 
-from pilot.container.spec import SYSTEM_TREES, ContainerSpec, Launch
+from pilot.container.spec import SYSTEM_TREES, ContainerSpec, ImageError, Launch
 from pilot.interfaces import IContainerRuntime
 
 #: Files that are often symlinks out of /etc into trees we do not bind (systemd-resolved
@@ -123,7 +123,7 @@ class BubblewrapRuntime:
         if not spec.argv:
             raise ValueError("nothing to run: empty argv")
         if spec.image:
-            raise ValueError(
+            raise ImageError(
                 f"bubblewrap runs the host's own system and cannot run image {spec.image!r}; "
                 "map this role to apptainer in the queue's container_type"
             )

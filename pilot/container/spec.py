@@ -20,6 +20,10 @@ SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", 
 ROLES = ("payload", "preprocess", "coprocess", "postprocess", "utility", "stagein", "stageout")
 
 
+class ImageError(ValueError):
+    """The container image is missing, unusable or not wanted by the runtime (IMAGENOTFOUND)."""
+
+
 @dataclass(frozen=True)
 class Bind:
     """A host path made visible inside the container."""

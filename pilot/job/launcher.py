@@ -16,7 +16,7 @@ from pathlib import Path
 
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
-from pilot.container.spec import SYSTEM_TREES, Bind, ContainerSpec, Launch
+from pilot.container.spec import SYSTEM_TREES, Bind, ContainerSpec, ImageError, Launch
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.interfaces import IContainerRuntime, IExperiment
@@ -126,13 +126,10 @@ class ProcessLauncher:
             launch = runtime.wrap(spec, self.pilot_environ)
         except FileNotFoundError as exc:
             raise PilotError(ErrorCode.QUEUENOTSETUPFORCONTAINERS, str(exc)) from None
-        except ValueError as exc:  # the runtime refuses the image, options or binds
-            code = (
-                ErrorCode.IMAGENOTFOUND
-                if "image" in str(exc).lower()
-                else ErrorCode.SINGULARITYGENERALFAILURE
-            )
-            raise PilotError(code, str(exc)) from None
+        except ImageError as exc:
+            raise PilotError(ErrorCode.IMAGENOTFOUND, str(exc)) from None
+        except ValueError as exc:  # the runtime refuses the options or binds
+            raise PilotError(ErrorCode.SINGULARITYGENERALFAILURE, str(exc)) from None
         self.runtimes_used[role] = runtime_name
         return launch
 
