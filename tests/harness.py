@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pilot.job.staging import StagingSetup
 from pilot.server.client import PandaClient, RetryPolicy
 from pilot.server.tls import PilotTLSPolicy
 from pilot.service import PilotService
+from pilot.staging.storage import StorageData
 
 reactor: Any = _reactor
 
@@ -108,3 +110,18 @@ def bash_job(queue: str, jobpars: str, **extra: Any) -> dict[str, Any]:
     }
     definition.update(extra)
     return definition
+
+
+def file_storage(endpoints: Mapping[str, Path]) -> StorageData:
+    """A storage description whose endpoints are local directories (``file://``, read and write)."""
+    return StorageData.from_document(
+        {
+            name: {
+                "arprotocols": {
+                    "read_lan": [{"endpoint": "file://", "path": str(directory)}],
+                    "write_lan": [{"endpoint": "file://", "path": str(directory)}],
+                }
+            }
+            for name, directory in endpoints.items()
+        }
+    )

@@ -10,7 +10,6 @@ that the job still finishes with its outputs stored.
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 import zlib
 from pathlib import Path
@@ -18,16 +17,16 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from pilot.config import Credentials, KeepWorkdirs
 from pilot.devserver.server import start_dev_server
 from pilot.job.staging import StagingSetup
 from pilot.monitor.settings import MonitorSettings
-from pilot.staging.storage import StorageData
 from pilot.staging.urls import rucio_path
 
-from .harness import pilot_service, run_to_end
+from .harness import file_storage, pilot_service, run_to_end
+from .services import require_tool
 
 reactor: Any = _reactor
 QUEUE = "BWRAP_QUEUE"
@@ -41,10 +40,7 @@ class BubblewrapJobTests(TestCase):
     timeout = 120
 
     async def test_job_in_bubblewrap(self) -> None:
-        if shutil.which("bwrap") is None:
-            if os.environ.get("CI"):
-                self.fail("bubblewrap (bwrap) is required in CI (.ci/install-services.sh)")
-            raise SkipTest("bwrap is not installed")
+        require_tool("bwrap")
         base = Path(self.mktemp()).absolute()
         storage = base / "SITE"
         storage.mkdir(parents=True)
@@ -102,10 +98,7 @@ class BubblewrapJobTests(TestCase):
                 }
             ]
         )
-        storage_data = StorageData.from_document(
-            {"SITE": {"arprotocols": {"read_lan": [{"endpoint": "file://", "path": str(storage)}],
-                                      "write_lan": [{"endpoint": "file://", "path": str(storage)}]}}}
-        )  # fmt: skip
+        storage_data = file_storage({"SITE": storage})
         service = pilot_service(
             server,
             QUEUE,
@@ -197,10 +190,7 @@ class BubblewrapStopTests(TestCase):
     timeout = 60
 
     async def test_sigterm_reaches_the_payload_and_it_cleans_up(self) -> None:
-        if shutil.which("bwrap") is None:
-            if os.environ.get("CI"):
-                self.fail("bubblewrap (bwrap) is required in CI (.ci/install-services.sh)")
-            raise SkipTest("bwrap is not installed")
+        require_tool("bwrap")
         from twisted.internet.task import deferLater
 
         from pilot.container.bubblewrap import BubblewrapRuntime
@@ -237,10 +227,7 @@ class BubblewrapStagingTests(TestCase):
     timeout = 120
 
     async def test_stage_in_and_out_in_bubblewrap(self) -> None:
-        if shutil.which("bwrap") is None:
-            if os.environ.get("CI"):
-                self.fail("bubblewrap (bwrap) is required in CI (.ci/install-services.sh)")
-            raise SkipTest("bwrap is not installed")
+        require_tool("bwrap")
         base = Path(self.mktemp()).absolute()
         storage = base / "SITE"
         data = b"input for a contained copytool\n"
@@ -267,10 +254,7 @@ class BubblewrapStagingTests(TestCase):
                 }
             ]
         )  # fmt: skip
-        storage_data = StorageData.from_document(
-            {"SITE": {"arprotocols": {"read_lan": [{"endpoint": "file://", "path": str(storage)}],
-                                      "write_lan": [{"endpoint": "file://", "path": str(storage)}]}}}
-        )  # fmt: skip
+        storage_data = file_storage({"SITE": storage})
         pilot_base = base / "pilot"
         service = pilot_service(
             server, QUEUE, pilot_base, staging=StagingSetup(storage=storage_data, records_dir=pilot_base),

@@ -22,10 +22,10 @@ from pilot.devserver.server import DevServer, start_dev_server
 from pilot.errorcodes import ErrorCode
 from pilot.errors import ExitCode
 from pilot.job.staging import StagingSetup
-from pilot.staging.storage import StorageData
+from pilot.service import PilotService
 from pilot.staging.urls import rucio_path
 
-from .harness import mount_small_tmpfs, pilot_service, run_to_end
+from .harness import file_storage, mount_small_tmpfs, pilot_service, run_to_end
 
 reactor: Any = _reactor
 QUEUE = "STAGING_QUEUE"
@@ -44,17 +44,7 @@ class StagingEndToEndTests(TestCase):
         self.storage_dirs = {name: self.base / name for name in ("SITE_A", "SITE_B", "SITE_FULL")}
         for directory in self.storage_dirs.values():
             directory.mkdir(parents=True)
-        self.storage = StorageData.from_document(
-            {
-                name: {
-                    "arprotocols": {
-                        "read_lan": [{"endpoint": "file://", "path": str(directory)}],
-                        "write_lan": [{"endpoint": "file://", "path": str(directory)}],
-                    }
-                }
-                for name, directory in self.storage_dirs.items()
-            }
-        )
+        self.storage = file_storage(self.storage_dirs)
         astorages = {"read_lan": ["SITE_A", "SITE_B"], "pw": ["SITE_A"], "pl": ["SITE_B"]}
         queuedata: dict[str, Any] = {
             "timefloor": 10,
@@ -67,6 +57,18 @@ class StagingEndToEndTests(TestCase):
             reactor, self.base / "server", queues={QUEUE: queuedata, FULL_QUEUE: full_queue}
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(self.server.stop()))
+
+    async def run_pilot(self, queue: str, pilot_dir: Path) -> PilotService:
+        """A pilot for ``queue`` staging against the test storage, run until it ends."""
+        service = pilot_service(
+            self.server,
+            queue,
+            pilot_dir,
+            staging=StagingSetup(storage=self.storage, records_dir=pilot_dir),
+            getjob_requests=1,
+        )
+        await run_to_end(service)
+        return service
 
     def place(self, endpoint: str, scope: str, lfn: str, data: bytes) -> None:
         path = self.storage_dirs[endpoint] / rucio_path(scope, lfn)
@@ -99,14 +101,7 @@ class StagingEndToEndTests(TestCase):
         self.place("SITE_A", "mc.in", "in3.root", b"third input\n")
         (panda_id,) = await self.server.submit(self.job())
         pilot_dir = self.base / "pilot"
-        service = pilot_service(
-            self.server,
-            QUEUE,
-            pilot_dir,
-            staging=StagingSetup(storage=self.storage, records_dir=pilot_dir),
-            getjob_requests=1,
-        )
-        await run_to_end(service)
+        service = await self.run_pilot(QUEUE, pilot_dir)
         self.assertEqual(service.exit_code, ExitCode.OK)
         view = await self.server.job(panda_id)
         summary = service.summaries[0]
@@ -162,14 +157,7 @@ class StagingEndToEndTests(TestCase):
         )
         ids = await self.server.submit([missing, corrupt, good])
         pilot_dir = self.base / "pilot2"
-        service = pilot_service(
-            self.server,
-            QUEUE,
-            pilot_dir,
-            staging=StagingSetup(storage=self.storage, records_dir=pilot_dir),
-            getjob_requests=1,
-        )
-        await run_to_end(service)
+        await self.run_pilot(QUEUE, pilot_dir)
         views = [await self.server.job(i) for i in ids]
         self.assertEqual([v["jobStatus"] for v in views], ["failed", "failed", "finished"])
         self.assertEqual(views[0]["pilotErrorCode"], ErrorCode.REPLICANOTFOUND)
@@ -198,14 +186,7 @@ class StagingEndToEndTests(TestCase):
         small = self.job(**common, jobPars="-c 'cp in1.root out1.root; echo x > out2.txt'")
         ids = await self.server.submit([too_big, small])
         pilot_dir = self.base / "pilot-full"
-        service = pilot_service(
-            self.server,
-            FULL_QUEUE,
-            pilot_dir,
-            staging=StagingSetup(storage=self.storage, records_dir=pilot_dir),
-            getjob_requests=1,
-        )
-        await run_to_end(service)
+        await self.run_pilot(FULL_QUEUE, pilot_dir)
         views = [await self.server.job(i) for i in ids]
         self.assertEqual([v["jobStatus"] for v in views], ["failed", "finished"])
         self.assertEqual(views[0]["pilotErrorCode"], ErrorCode.NOREMOTESPACE, views[0].get("pilotErrorDiag"))
