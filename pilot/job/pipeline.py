@@ -380,7 +380,8 @@ class JobRun:
         if staging is not None and staging.catalog is not None:
             environ.update(experiment.input_environment(job, staging.catalog, staging.turls))
         environ.update(await self.env.in_thread(write_job_credentials, job, workdir))
-        launcher = self._launcher or self._make_launcher(job, workdir)
+        launcher = self._launcher
+        assert launcher is not None  # made with the work directory, in _setup
         utilities = [
             Utility(
                 spec=spec,
@@ -409,11 +410,11 @@ class JobRun:
             for utility in utilities:
                 await utility.stop()
             await self.env.in_thread(remove_job_credentials, workdir)
-            self.summary.runtimes = dict(launcher.runtimes_used)
 
     def _make_launcher(self, job: Job, workdir: Path) -> ProcessLauncher:
         credentials = self.env.config.credentials
-        hidden = [self.env.pilot_dir / "logs", *(p for p in (credentials.proxy, credentials.token_file) if p)]
+        # the pilot's directory (its logs, other jobs) and its own credentials
+        hidden = [self.env.pilot_dir, *(p for p in (credentials.proxy, credentials.token_file) if p)]
         return ProcessLauncher(
             spawner=self.env.spawner,
             clock=self.env.clock,
@@ -422,7 +423,7 @@ class JobRun:
             experiment=self.env.experiment,
             queuedata=self.env.queuedata,
             pilot_environ=self.env.pilot_environ,
-            hidden=[self.env.pilot_dir, *hidden],
+            hidden=hidden,
             kill_grace=self.env.config.kill_grace,
             control=self.env.process_control,
         )

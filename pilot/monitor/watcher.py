@@ -181,10 +181,9 @@ class JobMonitor:
         return call
 
     def _memory_interval(self) -> float:
+        settings = self.settings
         return (
-            min(self.settings.debug_interval, self.settings.memory_interval)
-            if self.debug
-            else (self.settings.memory_interval)
+            min(settings.debug_interval, settings.memory_interval) if self.debug else settings.memory_interval
         )
 
     def set_debug(self, on: bool) -> None:
