@@ -137,21 +137,24 @@ def batch_end_time(environ: Mapping[str, str], *, read: Callable[[str], str] | N
     slurm = _number(environ.get("SLURM_JOB_END_TIME"))
     if slurm is not None:
         candidates.append(slurm)
-    machine_ad = environ.get("_CONDOR_MACHINE_AD")
-    if machine_ad:
+
+    def ad_of(variable: str) -> dict[str, str] | None:
+        """The classad named by ``variable`` ({} if unreadable), None if there is none."""
+        path = environ.get(variable)
+        if not path:
+            return None
         try:
-            ad = parse_classad(reader(machine_ad))
+            return parse_classad(reader(path))
         except OSError:
-            ad = {}
-        to_die = _number(ad.get("glidein_todie"))
+            return {}
+
+    machine_ad = ad_of("_CONDOR_MACHINE_AD")
+    if machine_ad is not None:
+        to_die = _number(machine_ad.get("glidein_todie"))
         if to_die is not None:
             candidates.append(to_die)
-    job_ad = environ.get("_CONDOR_JOB_AD")
-    if job_ad:
-        try:
-            ad = parse_classad(reader(job_ad))
-        except OSError:
-            ad = {}
+    ad = ad_of("_CONDOR_JOB_AD")
+    if ad is not None:
         start = _number(ad.get("jobcurrentstartdate") or ad.get("jobstartdate"))
         runtime = _number(ad.get("maxruntime"))
         if runtime is None:
