@@ -86,7 +86,8 @@ async def run_command(
     shield = 0
     if wrapper is not None:
         try:
-            launch = wrapper(argv, environ)
+            # in a thread: it stats the paths the command names, which may be on a slow mount
+            launch = await context.in_thread(wrapper, argv, environ)
         except PilotError as exc:
             raise TransferError(exc.code, exc.detail, retry_elsewhere=False) from None
         argv, environ, shield = launch.argv, launch.env, launch.shield_levels
