@@ -33,7 +33,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 from bench.common import add_targets_flag, report_values
-from pilot.job.model import Checksum
+from pilot.model.job import Checksum
 from pilot.staging.engine import StagingEngine
 from pilot.staging.plan import FileTransfer
 from pilot.staging.registry import CopytoolRegistry

@@ -13,17 +13,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from pilot.model.credentials import Credentials
 from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
+from pilot.server.api import ApiMode
 from pilot.staging.storage import StorageData
-
-
-class ApiMode(Enum):
-    """Which PanDA server API generation to speak."""
-
-    V1 = "v1"
-    LEGACY = "legacy"
-    AUTO = "auto"
 
 
 class KeepWorkdirs(Enum):
@@ -32,17 +26,6 @@ class KeepWorkdirs(Enum):
     NONE = "none"
     FAILED = "failed"
     ALL = "all"
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Where the pilot's own credentials live (paths only: contents are read on use)."""
-
-    cacert: Path | None = None
-    capath: Path | None = None
-    proxy: Path | None = None
-    token_file: Path | None = None
-    auth_origin: str | None = None
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from pilot.config import Credentials
 from pilot.localrun import run_pilot, start_dev_server_process
+from pilot.model.credentials import Credentials
 from pilot.server.tls import PilotTLSPolicy
 
 QUEUE = "DEMO_QUEUE"

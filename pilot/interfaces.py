@@ -4,6 +4,10 @@ An experiment (ATLAS, or a small VO) customises the pilot through an ``IExperime
 plug-in, selected once at start-up with ``--pilot-user <name>`` and found with
 ``twisted.plugin.getPlugins`` among the drop-ins of ``twisted/plugins/``.  The
 pilot core never imports experiment code by module path.
+
+The runtime and copytool contracts live beside their machinery
+(``pilot.container.interfaces``, ``pilot.staging.interfaces``) and are re-exported
+here, so a plug-in author finds every contract in one place.
 """
 
 from __future__ import annotations
@@ -14,17 +18,14 @@ from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
 
-from pilot.job.model import Job
+from pilot.container.interfaces import IContainerRuntime
+from pilot.model.job import Job
+from pilot.staging.interfaces import IBulkCopyTool, ICopyTool
 
 if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
-
-    from pilot.container.spec import ContainerSpec, Launch
-    from pilot.job.payload_analysis import PayloadAnalysis
-    from pilot.job.processes import UtilitySpec
+    from pilot.model.processes import UtilitySpec
+    from pilot.monitor.payload_analysis import PayloadAnalysis
     from pilot.queuedata import QueueData
-    from pilot.staging.tools.base import ToolContext
-    from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 
 
 class IExperiment(Interface):
@@ -85,63 +86,4 @@ class IExperiment(Interface):
         """The image for image-based runtimes (``--containerImage`` in jobPars, ``container_name``)."""
 
 
-class IContainerRuntime(Interface):
-    """A way of running one process in a container (``pilot.container``)."""
-
-    name = Attribute("The runtime's name as used in container_type (str).")
-
-    def available(environ: Mapping[str, str]) -> bool:
-        """Whether the runtime's executable is installed (on ``environ``'s PATH)."""
-
-    def wrap(spec: ContainerSpec, environ: Mapping[str, str]) -> Launch:
-        """The launcher argv and environment that run ``spec`` in a container.
-
-        ``environ`` is the pilot's environment (to find executables).  Secrets in
-        ``spec.env`` must never end up on the launcher's command line.  Raises
-        ``FileNotFoundError`` when the runtime is not installed, ``ImageError`` (a
-        ``ValueError``) for an image problem and ``ValueError`` for anything else it
-        cannot honour.
-        """
-
-
-class ICopyTool(Interface):
-    """A way of moving files between the work directory and storage.
-
-    Tools are stateless objects registered by name (``pilot.staging.registry``);
-    the staging engine calls them once per attempt, with a time-out it enforces by
-    cancelling the Deferred the tool returned.  Tools never block the reactor: they
-    run child processes (``ProcessProtocol``) or speak HTTP with treq.
-    """
-
-    name = Attribute("Registry name as used in queuedata copytools (str).")
-    schemes = Attribute("URL schemes the tool reads and writes (frozenset of str).")
-    resolves_replicas = Attribute(
-        "True when the tool finds sources itself from scope:lfn and uploads to an RSE by name (Rucio)."
-    )
-
-    def copy_in(request: CopyRequest, context: ToolContext) -> Deferred[CopyResult]:
-        """Copy ``request.remote`` to ``request.local``; a Deferred firing with a CopyResult.
-
-        Fails with ``TransferError`` (PanDA code, ``missing`` when the source does
-        not exist).  The caller verifies size and checksum afterwards.
-        """
-
-    def copy_out(request: CopyRequest, context: ToolContext) -> Deferred[CopyResult]:
-        """Copy ``request.local`` to ``request.remote``; a Deferred firing with a CopyResult.
-
-        ``request.checksum`` holds the local adler32; tools that can verify it on
-        the remote side do so and say so in the result.
-        """
-
-
-class IBulkCopyTool(ICopyTool):
-    """A copytool that can fetch many files in one go (one process, its own parallelism).
-
-    Starting a process per small file costs more than moving it; the engine hands
-    such tools batches of stage-in requests with the same source endpoint.
-    """
-
-    def copy_in_bulk(
-        requests: Sequence[CopyRequest], context: ToolContext
-    ) -> Deferred[list[CopyResult | TransferError]]:
-        """Fetch every request; one result per request, in order (a TransferError for a failed one)."""
+__all__ = ["IBulkCopyTool", "IContainerRuntime", "ICopyTool", "IExperiment"]

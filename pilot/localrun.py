@@ -18,7 +18,8 @@ from typing import Any
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.task import deferLater
 
-from pilot.process.runner import ManagedProcess, ProcessOutcome
+from pilot.model.processes import ProcessOutcome
+from pilot.process.runner import ManagedProcess
 
 
 class LaunchError(Exception):

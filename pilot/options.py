@@ -26,10 +26,12 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.python import usage
 
 from pilot import __version__
-from pilot.config import ApiMode, Credentials, KeepWorkdirs, PilotConfig
+from pilot.config import KeepWorkdirs, PilotConfig
 from pilot.errors import ExitCode, PilotError, exit_code_for
+from pilot.model.credentials import Credentials
 from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData, is_url, load_queuedata_file
+from pilot.server.api import ApiMode
 from pilot.staging.storage import StorageData
 
 DEFAULT_URL = "https://pandaserver.cern.ch"

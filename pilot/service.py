@@ -42,7 +42,6 @@ from pilot.config import KeepWorkdirs, PilotConfig
 from pilot.errorcodes import ErrorCode
 from pilot.errors import ExitCode, PilotError, error_for_signal, exit_code_for
 from pilot.interfaces import IExperiment
-from pilot.job.outputs import ThreadRunner
 from pilot.job.pipeline import JobEnvironment, JobRun, JobSummary
 from pilot.job.reporter import PilotIdentity
 from pilot.job.staging import StagingSetup
@@ -54,6 +53,7 @@ from pilot.queuedata import QueueData, parse_queuedata
 from pilot.server.client import JobRequest, PandaClient, ServerError, ServerRefused, StatusCode
 from pilot.staging.storage import StorageData
 from pilot.util.files import write_text_atomically
+from pilot.util.threads import ThreadRunner
 
 T = TypeVar("T")
 

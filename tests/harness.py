@@ -15,10 +15,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from pilot.config import ApiMode, Credentials, PilotConfig
+from pilot.config import PilotConfig
 from pilot.devserver.server import DevServer
 from pilot.experiments.generic import GenericExperiment
 from pilot.job.staging import StagingSetup
+from pilot.model.credentials import Credentials
+from pilot.server.api import ApiMode
 from pilot.server.client import PandaClient, RetryPolicy
 from pilot.server.tls import PilotTLSPolicy
 from pilot.service import PilotService

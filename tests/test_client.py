@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pilot.config import ApiMode
+from pilot.server.api import ApiMode
 from pilot.server.client import (
     USER_AGENT,
     JobRequest,

@@ -25,8 +25,8 @@ from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.experiments.base import BaseExperiment
 from pilot.job.composition import Step, fetch_step, parse_steps
-from pilot.job.model import Job, parse_job
-from pilot.job.processes import UtilitySpec
+from pilot.model.job import Job, parse_job
+from pilot.model.processes import UtilitySpec
 from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
 from pilot.service import PilotService

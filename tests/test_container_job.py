@@ -19,9 +19,10 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from pilot.config import Credentials, KeepWorkdirs
+from pilot.config import KeepWorkdirs
 from pilot.devserver.server import start_dev_server
 from pilot.job.staging import StagingSetup
+from pilot.model.credentials import Credentials
 from pilot.monitor.settings import MonitorSettings
 from pilot.staging.urls import rucio_path
 

@@ -8,7 +8,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.container.select import job_image, parse_container_type, runtime_for
-from pilot.job.model import Job, parse_job
+from pilot.model.job import Job, parse_job
 from pilot.queuedata import QueueData
 
 

@@ -28,9 +28,9 @@ from zope.interface.verify import verifyObject
 
 from pilot.container.apptainer import ApptainerRuntime
 from pilot.container.bubblewrap import BubblewrapRuntime
+from pilot.container.interfaces import IContainerRuntime
 from pilot.container.registry import runtime_named, runtimes
 from pilot.container.spec import SYSTEM_TREES, Bind, ContainerSpec, Launch
-from pilot.interfaces import IContainerRuntime
 from pilot.process.runner import ManagedProcess
 
 STANDIN = Path(__file__).parent / "data" / "apptainer-standin"

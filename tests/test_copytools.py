@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from pilot.errorcodes import ErrorCode
-from pilot.job.model import Checksum
+from pilot.model.job import Checksum
 from pilot.staging.credentials import Credentials
 from pilot.staging.engine import StagingEngine
 from pilot.staging.plan import FileTransfer

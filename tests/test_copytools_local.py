@@ -16,9 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import ICopyTool
-from pilot.job.model import Checksum
+from pilot.model.job import Checksum
 from pilot.staging.credentials import Credentials, S3Keys
+from pilot.staging.interfaces import ICopyTool
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.tools.base import ToolContext
 from pilot.staging.tools.s3 import http_url, sign_v4

@@ -14,9 +14,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.model import OutputFile, parse_job
-from pilot.job.outputs import describe_outputs, job_output_report, locate_output, scan_workdir
+from pilot.job.logtarball import scan_workdir
+from pilot.job.outputs import describe_outputs, locate_output
 from pilot.job.transformation import download_sources, fetch_transformation, local_name
+from pilot.model.files import job_output_report
+from pilot.model.job import OutputFile, parse_job
 from pilot.util.checksum import CHUNK, file_facts
 
 from .fakes import run_sync

@@ -22,11 +22,12 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from pilot.config import ApiMode, Credentials
 from pilot.devserver.server import DevServer, start_dev_server
 from pilot.errorcodes import ErrorCode
 from pilot.errors import ExitCode
 from pilot.localrun import child_environment, pilot_arguments, start_pilot_process, twistd_argv
+from pilot.model.credentials import Credentials
+from pilot.server.api import ApiMode
 from pilot.server.client import ServerUnavailable
 from pilot.service import PilotService
 

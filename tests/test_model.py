@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errorcodes import ErrorCode
-from pilot.job.model import Checksum, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
+from pilot.model.job import Checksum, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
 
 DATA = Path(__file__).parent / "data"
 SCHEMA = json.loads((Path(__file__).parent.parent / "interfaces" / "job-definition.schema.json").read_text())

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errorcodes import ErrorCode
-from pilot.job.model import Job, parse_job
+from pilot.model.job import Job, parse_job
 from pilot.monitor.limits import (
     LoopingDetector,
     batch_end_time,

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.config import ApiMode, KeepWorkdirs
+from pilot.config import KeepWorkdirs
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.options import PilotOptions, detect_batch_id, server_base_url
 from pilot.queuedata import QueueData, load_queuedata_file, parse_environ, parse_queuedata
+from pilot.server.api import ApiMode
 
 
 class OptionTests(SynchronousTestCase):

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import MAX_DIAG_LENGTH, error_for_signal
-from pilot.job.payload_analysis import (
+from pilot.monitor.payload_analysis import (
     MAX_JOB_REPORT_BYTES,
     MAX_META_DATA_BYTES,
     STDERR_PATTERNS,

@@ -28,9 +28,9 @@ import twisted.plugins
 from pilot.experiments import UnknownExperiment, find_experiment, installed_experiments
 from pilot.experiments.generic import GenericExperiment
 from pilot.interfaces import IExperiment
-from pilot.job.model import Job, parse_job
-from pilot.job.processes import UtilitySpec
 from pilot.localrun import run_pilot, start_dev_server_process
+from pilot.model.job import Job, parse_job
+from pilot.model.processes import UtilitySpec
 from pilot.queuedata import QueueData
 
 reactor: Any = _reactor

@@ -13,7 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pilot.process.runner import ManagedProcess, ProcessOutcome
+from pilot.model.processes import ProcessOutcome
+from pilot.process.runner import ManagedProcess
 
 from .fakes import FakeProcessControl, FakeSpawner
 

@@ -16,11 +16,12 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.config import ApiMode, KeepWorkdirs, PilotConfig
+from pilot.config import KeepWorkdirs, PilotConfig
 from pilot.errorcodes import ErrorCode
 from pilot.errors import ExitCode
 from pilot.experiments.generic import GenericExperiment
 from pilot.queuedata import QueueData
+from pilot.server.api import ApiMode
 from pilot.server.client import PandaClient, RetryPolicy
 from pilot.service import PilotService
 

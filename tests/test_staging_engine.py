@@ -20,10 +20,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import IBulkCopyTool, ICopyTool
-from pilot.job.model import Checksum
+from pilot.model.job import Checksum
 from pilot.staging.credentials import Credentials
 from pilot.staging.engine import StagingEngine
+from pilot.staging.interfaces import IBulkCopyTool, ICopyTool
 from pilot.staging.plan import FileTransfer
 from pilot.staging.record import TransferRecord
 from pilot.staging.registry import CopytoolRegistry

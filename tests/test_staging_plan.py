@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.model import Checksum, OutputFile, parse_job
+from pilot.model.job import Checksum, OutputFile, parse_job
 from pilot.queuedata import QueueData
 from pilot.staging.catalog import render_catalog
 from pilot.staging.errors import classify

@@ -14,9 +14,9 @@ from pilot.job.states import (
     InvalidTransition,
     JobLifecycle,
     JobPhase,
-    ServerState,
     final_server_state,
 )
+from pilot.model.states import ServerState
 
 P, S = JobPhase, ServerState
 

@@ -28,8 +28,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
-from pilot.config import ApiMode, Credentials
 from pilot.devserver.server import DevServer, start_dev_server
+from pilot.model.credentials import Credentials
 from pilot.monitor.workernode import (
     NVIDIA_QUERY,
     ROCM_QUERY,
@@ -45,6 +45,7 @@ from pilot.monitor.workernode import (
     report_worker_node,
     x86_64_level,
 )
+from pilot.server.api import ApiMode
 from pilot.server.client import PandaClient, RetryPolicy, StatusCode
 from pilot.server.tls import PilotTLSPolicy
 

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 from zope.interface import implementer
 
+from pilot.container.interfaces import IContainerRuntime
 from pilot.container.spec import Bind, ContainerSpec, ImageError, Launch
-from pilot.interfaces import IContainerRuntime
 
 #: ``exec`` flags that take a value (long name -> shorthand or "").
 VALUE_FLAGS = {

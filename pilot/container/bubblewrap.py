@@ -47,8 +47,8 @@ from pathlib import Path, PurePosixPath
 
 from zope.interface import implementer
 
+from pilot.container.interfaces import IContainerRuntime
 from pilot.container.spec import SYSTEM_TREES, ContainerSpec, ImageError, Launch
-from pilot.interfaces import IContainerRuntime
 
 #: Files that are often symlinks out of /etc into trees we do not bind (systemd-resolved
 #: keeps resolv.conf in /run): their targets are bound read-only so name lookups work.

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pilot.container.apptainer import ApptainerRuntime
 from pilot.container.bubblewrap import BubblewrapRuntime
+from pilot.container.interfaces import IContainerRuntime
 from pilot.container.select import RUNTIME_ALIASES
-from pilot.interfaces import IContainerRuntime
 
 
 def runtimes() -> dict[str, IContainerRuntime]:

@@ -14,7 +14,7 @@ import re
 import shlex
 
 from pilot.container.spec import ROLES
-from pilot.job.model import Job
+from pilot.model.job import Job
 from pilot.queuedata import QueueData
 
 RUNTIME_ALIASES = {

@@ -15,9 +15,9 @@ from zope.interface import implementer
 
 from pilot.container.select import job_image, runtime_for
 from pilot.interfaces import IExperiment
-from pilot.job.model import Job
-from pilot.job.payload_analysis import PayloadAnalysis
-from pilot.job.processes import UtilitySpec
+from pilot.model.job import Job
+from pilot.model.processes import UtilitySpec
+from pilot.monitor.payload_analysis import PayloadAnalysis
 from pilot.queuedata import QueueData
 
 

@@ -25,21 +25,17 @@ import json
 import os
 import shlex
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.model import Job
-from pilot.job.processes import PAYLOAD_PID, UtilitySpec
 from pilot.logs import pilot_observer
-from pilot.process.runner import ManagedProcess, ProcessOutcome
+from pilot.model.job import Job
 from pilot.util.checksum import RunningChecksum
 
 log = Logger(observer=pilot_observer)
@@ -133,98 +129,3 @@ def step_argv(step: Step) -> list[str]:
     """The step as PanDA runs it: ``command args`` with shell semantics, in the work directory."""
     command = shlex.quote(step.command) if step.command.startswith(("/", "./")) else step.command
     return ["/bin/bash", "-c", f"{command} {step.args}".strip()]
-
-
-@dataclass
-class ProcessRecord:
-    """What the job summary says about one process."""
-
-    name: str
-    role: str
-    exit_code: int | None = None
-    signal: int | None = None
-    started: float | None = None
-    ended: float | None = None
-    restarts: int = 0
-    stopped_by_pilot: bool = False
-    runtime: str | None = None
-    stdout: str = ""
-    stderr: str = ""
-
-    def finish(self, outcome: ProcessOutcome) -> None:
-        self.exit_code = outcome.exit_code
-        self.signal = outcome.signal
-        self.started = outcome.started if self.started is None else self.started
-        self.ended = outcome.ended
-        self.stopped_by_pilot = outcome.terminated_by_pilot
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Utility:
-    """A running utility: restarted when it dies, up to ``spec.max_restarts`` times."""
-
-    spec: UtilitySpec
-    start_process: Callable[[list[str]], ManagedProcess]
-    clock: IReactorTime
-    record: ProcessRecord
-    restart_delay: float = 1.0
-    payload_pid: int | None = None
-    process: ManagedProcess | None = None
-    _stopping: bool = False
-    _restart_call: IDelayedCall | None = None
-    _watching: Deferred[None] | None = field(default=None, repr=False)
-
-    def argv(self) -> list[str]:
-        pid = str(self.payload_pid) if self.payload_pid is not None else ""
-        return [part.replace(PAYLOAD_PID, pid) for part in self.spec.argv]
-
-    def start(self) -> None:
-        try:
-            self.process = self.start_process(self.argv())
-        except PilotError as exc:
-            log.warn("utility {name} could not start: {diag}", name=self.spec.name, diag=exc.diag)
-            return
-        if self.record.started is None:
-            self.record.started = self.clock.seconds()
-        self._watching = Deferred.fromCoroutine(self._watch(self.process))
-
-    async def _watch(self, process: ManagedProcess) -> None:
-        outcome = await process.wait()
-        self.record.finish(outcome)
-        if self._stopping or self.spec.when == "after":
-            return
-        if outcome.exit_code == 0 and outcome.signal is None:
-            return  # ended on its own terms (prmon does when the payload has gone): not a crash
-        if self.record.restarts >= self.spec.max_restarts:
-            log.warn(
-                "utility {name} ended ({exit}, signal {sig}) and was restarted {n} times: giving up",
-                name=self.spec.name, exit=outcome.exit_code, sig=outcome.signal, n=self.record.restarts,
-            )  # fmt: skip
-            return
-        self.record.restarts += 1
-        log.info(
-            "utility {name} ended (exit {exit}, signal {sig}): restart {n} of {limit}",
-            name=self.spec.name, exit=outcome.exit_code, sig=outcome.signal,
-            n=self.record.restarts, limit=self.spec.max_restarts, event="job.utility_restart",
-        )  # fmt: skip
-        self._restart_call = self.clock.callLater(self.restart_delay, self._restart)
-
-    def _restart(self) -> None:
-        self._restart_call = None
-        if not self._stopping:
-            self.start()
-
-    async def stop(self) -> None:
-        """Stop for good (``stop_signal``, then SIGKILL after the grace)."""
-        self._stopping = True
-        if self._restart_call is not None and self._restart_call.active():
-            self._restart_call.cancel()
-        if self.process is not None and self.process.running:
-            await self.process.terminate(
-                f"utility {self.spec.name} no longer needed", signum=self.spec.stop_signal
-            )
-        if self._watching is not None:
-            await self._watching

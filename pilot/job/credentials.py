@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.model import Job
+from pilot.model.job import Job
 
 SECRETS_DIR = ".pilot-secrets"
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
+from pilot.container.interfaces import IContainerRuntime
 from pilot.container.spec import SYSTEM_TREES, Bind, ContainerSpec, ImageError, Launch
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.interfaces import IContainerRuntime, IExperiment
-from pilot.job.model import Job
+from pilot.interfaces import IExperiment
+from pilot.model.job import Job
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 from pilot.queuedata import QueueData
 from pilot.staging.tools.base import CommandWrapper

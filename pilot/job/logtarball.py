@@ -9,16 +9,53 @@ expect.  The tarball is written next to the work directory, not inside it.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.outputs import ThreadRunner, scan_workdir
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
+from pilot.util.threads import ThreadRunner
+
+
+@dataclass(frozen=True)
+class WorkdirScan:
+    """What the log tarball step needs to know about a work directory."""
+
+    total_bytes: int
+    external_links: tuple[str, ...]  # paths (relative to the work dir) of links leading outside it
+
+
+def scan_workdir(workdir: Path) -> WorkdirScan:
+    """Walk ``workdir`` without following links: total size and links that leave it.
+
+    The log tarball follows symbolic links (inputs are often links into a cache), so
+    a link that points outside the work directory — to the pilot's proxy, say — must
+    be excluded, or the tarball would carry it to storage.
+    """
+    root = workdir.resolve()
+    total = 0
+    external: list[str] = []
+    for current, dirs, files in os.walk(workdir, followlinks=False):
+        for name in list(dirs) + files:
+            full = Path(current) / name
+            try:
+                info = full.lstat()
+            except OSError:
+                continue
+            if full.is_symlink():
+                target = Path(os.path.realpath(full))
+                if target != root and root not in target.parents:
+                    external.append(str(full.relative_to(workdir)))
+                continue
+            if name in files:
+                total += info.st_size
+    return WorkdirScan(total, tuple(sorted(external)))
 
 
 def tarball_timeout(total_bytes: int) -> float:

@@ -33,43 +33,34 @@ from pilot.config import KeepWorkdirs, PilotConfig
 from pilot.errorcodes import ErrorCode
 from pilot.errors import JobErrors, PilotError, error_for_signal
 from pilot.interfaces import IExperiment
-from pilot.job.composition import (
-    HPO_LOOP_END,
-    ProcessRecord,
-    Step,
-    Utility,
-    fetch_step,
-    parse_steps,
-    step_argv,
-)
+from pilot.job.composition import HPO_LOOP_END, Step, fetch_step, parse_steps, step_argv
 from pilot.job.credentials import SECRETS_DIR, remove_job_credentials, write_job_credentials
 from pilot.job.heartbeat import Heartbeat
 from pilot.job.launcher import ProcessLauncher
 from pilot.job.logtarball import create_log_tarball
-from pilot.job.model import Job, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
-from pilot.job.outputs import ReportedFile, ThreadRunner, describe_outputs, job_output_report
-from pilot.job.payload_analysis import PayloadAnalysis, analyse_payload
+from pilot.job.outputs import describe_outputs
 from pilot.job.reporter import FinalUpdateLost, JobReporter, PilotIdentity
 from pilot.job.staging import JobStaging, StagingSetup
-from pilot.job.states import JobLifecycle, JobPhase, ServerState, final_server_state
+from pilot.job.states import JobLifecycle, JobPhase, final_server_state
 from pilot.job.transformation import download_sources, fetch_transformation
 from pilot.logs import pilot_observer
+from pilot.model.files import ReportedFile, job_output_report
+from pilot.model.job import Job, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
+from pilot.model.processes import ProcessOutcome, ProcessRecord
+from pilot.model.states import ServerState
 from pilot.monitor import prmon_output
+from pilot.monitor.payload_analysis import PayloadAnalysis, analyse_payload
 from pilot.monitor.prmon_process import ExternalPrmon, find_prmon, prmon_requested
 from pilot.monitor.status import StatusFile
 from pilot.monitor.watcher import JobMonitor, Limits, MonitorReport, monitor_update_fields, newest_file_tail
 from pilot.process.environment import payload_environment
-from pilot.process.runner import (
-    OS_PROCESS_CONTROL,
-    ManagedProcess,
-    ProcessControl,
-    ProcessOutcome,
-    ProcessStartError,
-)
+from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 from pilot.process.usage import tree_usage
+from pilot.process.utility import Utility
 from pilot.queuedata import QueueData
 from pilot.server.client import JobUpdate, PandaClient, UpdateResult
 from pilot.util.checksum import file_facts
+from pilot.util.threads import ThreadRunner
 
 T = TypeVar("T")
 

@@ -22,8 +22,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from pilot.job.states import ServerState
 from pilot.logs import pilot_observer
+from pilot.model.states import ServerState
 from pilot.server.client import JobUpdate, PandaClient, RetryPolicy, ServerError, StatusCode, UpdateResult
 
 T = TypeVar("T")

@@ -21,9 +21,9 @@ from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.model import Checksum, Job, OutputFile
-from pilot.job.outputs import ReportedFile, ThreadRunner
 from pilot.logs import pilot_observer
+from pilot.model.files import ReportedFile
+from pilot.model.job import Checksum, Job, OutputFile
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData
 from pilot.staging.catalog import write_catalog
@@ -34,6 +34,7 @@ from pilot.staging.record import TransferRecord
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.storage import StorageData
 from pilot.staging.tools.base import CommandWrapper, ToolContext
+from pilot.util.threads import ThreadRunner
 
 _MB = 1024 * 1024
 

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from pilot.errors import JobErrors
 from pilot.logs import pilot_observer
+from pilot.model.states import ServerState
 
 
 class JobPhase(Enum):
@@ -28,21 +29,6 @@ class JobPhase(Enum):
     STAGEOUT = "stageout"  # outputs, log tarball
     FINISHED = "finished"
     FAILED = "failed"
-
-
-class ServerState(Enum):
-    """The ``state`` / ``job_status`` values PanDA's update call accepts."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    TRANSFERRING = "transferring"
-    HOLDING = "holding"
-    FINISHED = "finished"
-    FAILED = "failed"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (ServerState.FINISHED, ServerState.FAILED, ServerState.HOLDING)
 
 
 P = JobPhase

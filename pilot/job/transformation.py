@@ -19,8 +19,8 @@ from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.model import Job
 from pilot.logs import pilot_observer
+from pilot.model.job import Job
 
 log = Logger(observer=pilot_observer)
 

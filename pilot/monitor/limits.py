@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pilot.job.model import Job
+from pilot.model.job import Job
 from pilot.queuedata import QueueData
 
 #: Memory per core assumed when neither the job nor the queue says (MB).

@@ -25,13 +25,13 @@ from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.composition import ProcessRecord, Utility
-from pilot.job.outputs import ThreadRunner
-from pilot.job.processes import PAYLOAD_PID, UtilitySpec
 from pilot.logs import pilot_observer
+from pilot.model.processes import PAYLOAD_PID, ProcessRecord, UtilitySpec
 from pilot.monitor import prmon_output
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
+from pilot.process.utility import Utility
 from pilot.queuedata import QueueData
+from pilot.util.threads import ThreadRunner
 
 log = Logger(observer=pilot_observer)
 

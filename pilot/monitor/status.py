@@ -14,8 +14,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from pilot.job.outputs import ThreadRunner
 from pilot.util.files import write_text_atomically
+from pilot.util.threads import ThreadRunner
 
 STATUS_NAME = "pilot_status.json"
 

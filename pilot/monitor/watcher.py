@@ -35,9 +35,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
-from pilot.job.model import Job
-from pilot.job.outputs import ThreadRunner
 from pilot.logs import pilot_observer
+from pilot.model.job import Job
 from pilot.monitor import prmon_output
 from pilot.monitor.limits import (
     LoopingDetector,
@@ -53,6 +52,7 @@ from pilot.monitor.sampler import TreeSampler
 from pilot.monitor.scan import WorkdirScan, WorkdirScanner
 from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
+from pilot.util.threads import ThreadRunner
 
 Abort = Callable[[ErrorCode, str], None]
 

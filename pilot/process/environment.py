@@ -21,7 +21,7 @@ import fnmatch
 from collections.abc import Mapping
 from pathlib import Path
 
-from pilot.job.model import Job
+from pilot.model.job import Job
 
 #: Variables passed through from the pilot's environment (exact names or globs).
 ALLOWED: tuple[str, ...] = (

@@ -36,36 +36,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pilot.logs import pilot_observer
+from pilot.model.processes import ProcessOutcome
 
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 
 
 class ProcessStartError(Exception):
     """The process could not be started at all (missing executable, unwritable output)."""
-
-
-@dataclass(frozen=True)
-class ProcessOutcome:
-    """How a managed process ended."""
-
-    pid: int
-    exit_code: int | None
-    signal: int | None
-    started: float
-    ended: float
-    terminated_by_pilot: bool = False
-    lost: bool = False  # never confirmed dead, even after SIGKILL (backstop fired)
-
-    @property
-    def wall_time(self) -> float:
-        return max(0.0, self.ended - self.started)
-
-    @property
-    def shell_status(self) -> int:
-        """The status a shell would show: the exit code, or 128 + signal number."""
-        if self.exit_code is not None:
-            return self.exit_code
-        return 128 + (self.signal or signal.SIGKILL)
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from pilot import __version__
-from pilot.config import ApiMode
 from pilot.logs import pilot_observer
+from pilot.server.api import ApiMode
 
 log = Logger(observer=pilot_observer)
 

@@ -25,8 +25,8 @@ from twisted.logger import Logger
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from pilot.config import Credentials
 from pilot.logs import pilot_observer
+from pilot.model.credentials import Credentials
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN (?P<kind>[A-Z0-9 ]+)-----\r?\n.+?\r?\n-----END (?P=kind)-----",

@@ -31,10 +31,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import IBulkCopyTool
-from pilot.job.model import Checksum
 from pilot.logs import pilot_observer
+from pilot.model.job import Checksum
 from pilot.staging.follow import ChecksumFollower
+from pilot.staging.interfaces import IBulkCopyTool
 from pilot.staging.plan import FileTransfer
 from pilot.staging.record import RecordEntry, TransferRecord
 from pilot.staging.registry import CopytoolRegistry

@@ -27,7 +27,7 @@ from typing import Any
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.model import Checksum, InputFile, Job, OutputFile
+from pilot.model.job import Checksum, InputFile, Job, OutputFile
 from pilot.queuedata import QueueData
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.storage import StorageData

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pilot.job.outputs import ThreadRunner
+from pilot.util.threads import ThreadRunner
 
 
 @dataclass(frozen=True)

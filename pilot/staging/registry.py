@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.interfaces import ICopyTool
+from pilot.staging.interfaces import ICopyTool
 from pilot.staging.tools.gcs import gs
 from pilot.staging.tools.gfal import gfal
 from pilot.staging.tools.local import cp, ln, mv

@@ -10,7 +10,7 @@ from typing import Any
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.model import Checksum
+from pilot.model.job import Checksum
 
 
 class Direction(Enum):

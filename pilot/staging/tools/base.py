@@ -15,11 +15,11 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from pilot.container.spec import Launch
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.outputs import ThreadRunner
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 from pilot.staging.credentials import Credentials
 from pilot.staging.errors import classify
 from pilot.staging.transfer import CopyRequest, TransferError
+from pilot.util.threads import ThreadRunner
 
 #: Wraps a copytool command (argv, environment) for the stage-in/out container, if any.
 CommandWrapper = Callable[[Sequence[str], Mapping[str, str]], Launch]

@@ -20,7 +20,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import ICopyTool
+from pilot.staging.interfaces import ICopyTool
 from pilot.staging.tools.base import ToolContext
 from pilot.staging.tools.streaming import CountingReader, receive_download
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError

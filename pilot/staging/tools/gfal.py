@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import ICopyTool
+from pilot.staging.interfaces import ICopyTool
 from pilot.staging.tools.base import ToolContext, find_executable, run_copy
 from pilot.staging.tools.xrdcp import XRD_DEFAULTS
 from pilot.staging.transfer import CopyRequest, CopyResult

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import ICopyTool
+from pilot.staging.interfaces import ICopyTool
 from pilot.staging.tools.base import ToolContext, find_executable, run_copy
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 from pilot.staging.urls import local_path

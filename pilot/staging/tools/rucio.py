@@ -15,9 +15,9 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import ICopyTool
-from pilot.job.model import Checksum
+from pilot.model.job import Checksum
 from pilot.staging.errors import classify
+from pilot.staging.interfaces import ICopyTool
 from pilot.staging.tools.base import ToolContext, find_executable, run_command
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 

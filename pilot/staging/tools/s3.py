@@ -25,8 +25,8 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import ICopyTool
 from pilot.staging.credentials import S3Keys
+from pilot.staging.interfaces import ICopyTool
 from pilot.staging.tools.base import ToolContext
 from pilot.staging.tools.streaming import CountingReader, body_snippet, receive_download
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError

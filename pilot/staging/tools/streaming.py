@@ -10,7 +10,7 @@ import treq
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IResponse
 
-from pilot.job.model import Checksum
+from pilot.model.job import Checksum
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 from pilot.util.checksum import RunningChecksum
 

@@ -17,9 +17,9 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from pilot.errorcodes import ErrorCode
-from pilot.interfaces import IBulkCopyTool, ICopyTool
-from pilot.job.model import Checksum
+from pilot.model.job import Checksum
 from pilot.staging.errors import classify
+from pilot.staging.interfaces import IBulkCopyTool, ICopyTool
 from pilot.staging.tools.base import ToolContext, find_executable, run_command, run_copy
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
 

@@ -23,8 +23,8 @@ from zope.interface import implementer
 
 from pilot.experiments.base import BaseExperiment
 from pilot.interfaces import IExperiment
-from pilot.job.model import Job
-from pilot.job.processes import UtilitySpec
+from pilot.model.job import Job
+from pilot.model.processes import UtilitySpec
 from pilot.queuedata import QueueData
 
 __all__ = ["UTILITY_OUTPUT", "HelloVOExperiment"]
