@@ -65,3 +65,5 @@ class PilotConfig:
     batch_id: str = ""
     harvester_id: str = ""
     worker_id: int | None = None
+    #: One-line notices to log at start (options accepted for compatibility that do nothing here...).
+    notices: tuple[str, ...] = ()

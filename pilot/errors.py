@@ -9,6 +9,7 @@ so that wrapper scripts and batch systems can tell *why* a pilot ended.
 
 from __future__ import annotations
 
+import errno
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,6 +107,18 @@ class JobErrors:
 
 #: Signal → PanDA error code, as the reference pilot reports a job it was
 #: interrupted in.
+#: errno values that mean "the local disk is full" (the job's work directory or the pilot's).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def local_file_error(
+    exc: OSError, what: str, default: ErrorCode = ErrorCode.FILEHANDLINGFAILURE
+) -> PilotError:
+    """A PilotError for a failed local file operation: NOLOCALSPACE when the disk is full."""
+    code = ErrorCode.NOLOCALSPACE if exc.errno in DISK_FULL_ERRNOS else default
+    return PilotError(code, f"{what}: {exc.strerror or exc}")
+
+
 SIGNAL_ERRORS: dict[int, ErrorCode] = {
     signal.SIGTERM: ErrorCode.SIGTERM,
     signal.SIGQUIT: ErrorCode.SIGQUIT,

@@ -23,9 +23,12 @@ from pilot.model.job import Job
 from pilot.staging.interfaces import IBulkCopyTool, ICopyTool
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from pilot.model.processes import UtilitySpec
     from pilot.monitor.payload_analysis import PayloadAnalysis
     from pilot.queuedata import QueueData
+    from pilot.server.client import AcquireResult, JobRequest, JobUpdate, UpdateResult
 
 
 class IExperiment(Interface):
@@ -86,4 +89,42 @@ class IExperiment(Interface):
         """The image for image-based runtimes (``--containerImage`` in jobPars, ``container_name``)."""
 
 
-__all__ = ["IBulkCopyTool", "IContainerRuntime", "ICopyTool", "IExperiment"]
+class IJobSource(Interface):
+    """Where the pilot's jobs come from: the PanDA server today, Harvester's files later.
+
+    The job loop asks a source for work and nothing else; how the request travels (HTTPS
+    with retries, a file exchange) is the source's business.  Logical outcomes (no job,
+    the server's refusal) are results with a ``StatusCode``; exceptions
+    (``pilot.server.client.ServerError``) mean the exchange itself failed.
+    """
+
+    name = Attribute("A short name for logs and the summary (str), e.g. 'panda'.")
+    calls = Attribute("How many requests the source has made so far (int), for the summary.")
+
+    def acquire_jobs(request: JobRequest) -> Deferred[AcquireResult]:
+        """Ask once for jobs matching ``request``.
+
+        Not idempotent: a source must not repeat a request that may have dispatched a
+        job, since the job would then be lost.
+        """
+
+
+class IJobReporter(Interface):
+    """Where a job's updates go (heartbeats, state changes, the final update).
+
+    Ordering, heartbeat skipping and the final update's retries until the deadline are
+    the job's own (``pilot.job.updates``); a reporter delivers one update.  It may adapt
+    the update to its channel (a server's column widths) but never drops one silently.
+    """
+
+    def update_job(update: JobUpdate, *, final: bool, timeout: float | None) -> Deferred[UpdateResult]:
+        """Deliver ``update``; its outcome and the commands that came back.
+
+        ``final``: the caller retries on its own clock until its deadline, so one attempt
+        is enough; otherwise the reporter may retry transport failures.  ``timeout``
+        bounds one attempt (None: the reporter's default).  Fails with ``ServerError``
+        when the update could not be delivered.
+        """
+
+
+__all__ = ["IBulkCopyTool", "IContainerRuntime", "ICopyTool", "IExperiment", "IJobReporter", "IJobSource"]

@@ -20,6 +20,7 @@ from treq.client import HTTPClient
 from twisted.application.service import IService
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.threads import deferToThreadPool
 from twisted.web import client as client_module
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -127,5 +128,7 @@ def _close_pools(*pools: HTTPConnectionPool) -> Deferred[None]:
 
 
 def _stop_if_running() -> None:
-    if reactor.running:
+    try:
         reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping (twistd's own shutdown, or a second request)

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IRe
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from pilot.process.runner import Descendant
@@ -71,6 +71,9 @@ class ScriptedPanda(Resource):
         self.commands: dict[int, str] = {}
         self.update_status: list[int] = []
         self.files: dict[str, bytes] = {}
+        #: GET paths that never answer (a stuck mirror): their requests wait here.
+        self.hold: set[str] = set()
+        self.held: list[Request] = []
         self.on_call: Callable[[Call], None] | None = None
 
     # -- inspection ----------------------------------------------------------------
@@ -124,6 +127,9 @@ class ScriptedPanda(Resource):
         self.calls.append(call)
         if self.on_call is not None:
             self.on_call(call)
+        if request.method == b"GET" and path in self.hold:
+            self.held.append(request)
+            return NOT_DONE_YET  # type: ignore[no-any-return]
         if request.method == b"GET" and path in self.files:
             request.setHeader(b"content-type", b"application/octet-stream")
             return self.files[path]

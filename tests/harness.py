@@ -10,6 +10,7 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
@@ -37,6 +38,7 @@ def pilot_service(
     credentials: Credentials | None = None,
     staging: StagingSetup | None = None,
     environ: dict[str, str] | None = None,
+    spawner: IReactorProcess | None = None,
     **settings: Any,
 ) -> PilotService:
     """A PilotService wired as ``pilot.tap`` wires it, against ``server`` over TLS."""
@@ -66,7 +68,7 @@ def pilot_service(
     return PilotService(
         config,
         clock=reactor,
-        spawner=reactor,
+        spawner=spawner or reactor,
         client=client,
         experiment=settings_experiment or GenericExperiment(),
         in_thread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
@@ -79,7 +81,8 @@ def pilot_service(
 async def run_to_end(service: PilotService) -> None:
     """Start the service and wait until it has wrapped up."""
     service.startService()
-    await service._finished_deferred()
+    await service.when_finished()
+    await service.stopService()  # as twistd does when the reactor stops
 
 
 async def mount_small_tmpfs(test: TestCase, directory: Path, size: str) -> None:

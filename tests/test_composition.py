@@ -31,6 +31,7 @@ from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
 from pilot.service import PilotService
 
+from .fakes import run_sync
 from .harness import bash_job, pilot_service, run_to_end
 
 reactor: Any = _reactor
@@ -222,13 +223,13 @@ class StepTests(SynchronousTestCase):
             return script
 
         good = Step("preprocess", "https://example.org/tools/prep.sh", "-v", checksum=ad)
-        result = self.successResultOf(Deferred.fromCoroutine(fetch_step(good, workdir, download)))
+        result = self.successResultOf(Deferred.fromCoroutine(fetch_step(good, workdir, download, run_sync)))
         local, digest = result
         self.assertEqual(local.command, "./preprocess-prep.sh")
         self.assertTrue((workdir / "preprocess-prep.sh").stat().st_mode & stat.S_IXUSR)
         self.assertEqual(len(digest), 64)
         bad = Step("preprocess", "https://example.org/tools/prep.sh", checksum="ad:00000000")
-        failure = self.failureResultOf(Deferred.fromCoroutine(fetch_step(bad, workdir, download)))
+        failure = self.failureResultOf(Deferred.fromCoroutine(fetch_step(bad, workdir, download, run_sync)))
         self.assertEqual(failure.value.code, ErrorCode.PREPROCESSFAILURE)
 
 

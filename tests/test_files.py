@@ -110,18 +110,23 @@ class TransformationTests(SynchronousTestCase):
 
         path = self.successResultOf(
             Deferred.fromCoroutine(
-                fetch_transformation(["https://m1.example/t", "https://m2.example/t"], workdir, download)
+                fetch_transformation(
+                    ["https://m1.example/t", "https://m2.example/t"], workdir, download, run_sync
+                )
             )
         )
         self.assertEqual(path, workdir / "t")
-        self.assertEqual(path.stat().st_mode & 0o777, 0o755)
+        self.assertEqual(path.stat().st_mode & 0o777, 0o700)  # the pilot user's alone
 
     def test_all_mirrors_failing(self) -> None:
         workdir = Path(self.mktemp())
         workdir.mkdir()
         d = Deferred.fromCoroutine(
             fetch_transformation(
-                ["https://m1.example/t", "https://m2.example/t"], workdir, lambda url: fail(OSError("no"))
+                ["https://m1.example/t", "https://m2.example/t"],
+                workdir,
+                lambda url: fail(OSError("no")),
+                run_sync,
             )
         )
         error = self.failureResultOf(d, PilotError).value

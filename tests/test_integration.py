@@ -27,9 +27,11 @@ from pilot.errorcodes import ErrorCode
 from pilot.errors import ExitCode
 from pilot.localrun import child_environment, pilot_arguments, start_pilot_process, twistd_argv
 from pilot.model.credentials import Credentials
+from pilot.queuedata import QueueData
 from pilot.server.api import ApiMode
 from pilot.server.client import ServerUnavailable
 from pilot.service import PilotService
+from pilot.service.requests import job_request
 
 from .harness import pilot_service
 
@@ -122,10 +124,11 @@ class PilotAgainstDevServerTests(TestCase):
         other = await start_dev_server(reactor, Path(self.mktemp()), queues={QUEUE: {}})
         self.addCleanup(lambda: Deferred.fromCoroutine(other.stop()))
         service = self._pilot(server, Credentials(cacert=other.pki.ca_cert, proxy=server.pki.client_proxy))
-        failure = await _expect_failure(service._client.acquire_job(service._job_request()))
+        request = job_request(service.config, QueueData.default(QUEUE), (None, 1024, None), 3600)
+        failure = await _expect_failure(service.client.acquire_job(request))
         self.assertIsInstance(failure, ServerUnavailable)
         self.assertIn("TLS", str(failure))
-        await service._close_connections()  # type: ignore[misc]
+        await service.close_connections()
 
     async def test_server_kill_and_payload_failure(self) -> None:
         server = await self._server(timefloor=10)
@@ -150,7 +153,8 @@ class PilotAgainstDevServerTests(TestCase):
 
 
 async def _finished(service: PilotService) -> None:
-    await service._finished_deferred()
+    await service.when_finished()
+    await service.stopService()
 
 
 async def _expect_failure(coroutine: Any) -> BaseException:

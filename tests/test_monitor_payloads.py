@@ -203,7 +203,8 @@ class DebugModeTests(TestCase):
         assert service.pilot_dir is not None
         status = json.loads((service.pilot_dir / "pilot_status.json").read_text())
         await server.set_command(panda_id, "tobekilled")
-        await service._finished_deferred()
+        await service.when_finished()
+        await service.stopService()
         self.assertTrue(stdouts, "a debug heartbeat carried the file tail")
         self.assertIn("line ", stdouts[-1])
         self.assertIn("payload.stdout", stdouts[-1])

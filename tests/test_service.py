@@ -192,7 +192,7 @@ class WorkdirAndTransformationTests(SynchronousTestCase):
         self.assertEqual(payload.command[-1], "./runGen-00-00-02 --in a.root")
         script = Path(str(payload.path)) / "runGen-00-00-02"
         self.assertEqual(script.read_bytes(), b"#!/bin/sh\necho analysis\n")
-        self.assertEqual(script.stat().st_mode & 0o777, 0o755)
+        self.assertEqual(script.stat().st_mode & 0o777, 0o700, "executable for the pilot user only")
         h.finish_payload(0)
 
     def test_failed_download_fails_the_job(self) -> None:
@@ -302,13 +302,30 @@ class MultiJobTests(SynchronousTestCase):
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
     def test_backoff_after_server_errors(self) -> None:
-        h = ServiceHarness(self, getjob_requests=2, nojob_backoff=5.0)
+        h = ServiceHarness(self, getjob_requests=2, getjob_failures=2, nojob_backoff=5.0)
         h.server.scripted += [Scripted(503, b"busy", "text/plain")] * 6
         h.start()
         h.clock.pump([2.0, 4.0, 5.0, 2.0, 4.0])
         times = [c.time - T0 for c in h.server.acquires()]
         self.assertEqual(times, [0.0, 2.0, 6.0, 11.0, 13.0, 17.0])
         self.assertEqual(h.service.exit_code, ExitCode.COMMUNICATIONFAILURE)
+
+    def test_failed_requests_count_toward_failures_not_requests(self) -> None:
+        """-v counts answers without a job, -x failed requests: failures alone reach -x."""
+        h = ServiceHarness(self, getjob_requests=1, getjob_failures=3, nojob_backoff=5.0)
+        h.server.scripted += [Scripted(503, b"busy", "text/plain")] * 9  # 3 attempts per request
+        h.start()
+        h.clock.pump([2.0, 4.0, 5.0, 2.0, 4.0, 10.0, 2.0, 4.0])
+        self.assertEqual(len(h.server.acquires()), 9, "three requests of three attempts each")
+        self.assertEqual(h.service.exit_code, ExitCode.COMMUNICATIONFAILURE)
+
+    def test_no_job_answers_after_a_failure_reach_the_request_limit(self) -> None:
+        h = ServiceHarness(self, getjob_requests=2, getjob_failures=5, nojob_backoff=5.0)
+        h.server.scripted += [Scripted(503, b"busy", "text/plain")] * 3
+        h.start()
+        h.clock.pump([2.0, 4.0, 5.0, 10.0])
+        self.assertEqual(len(h.server.acquires()), 5, "one failed request, then two without a job")
+        self.assertEqual(h.service.exit_code, ExitCode.OK)
 
     def test_no_role_ends_the_pilot_at_once(self) -> None:
         for reply in (
@@ -420,6 +437,35 @@ class SignalTests(SynchronousTestCase):
         self.assertEqual(h.service.exit_code, ExitCode.SIGQUIT)
         self.assertEqual(len(h.server.acquires()), 1)
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_signal_during_a_transformation_download_tries_no_other_mirror(self) -> None:
+        """A cancelled download is not a failed mirror: no next mirror, no process, one final update."""
+        h = ServiceHarness(self, baseurls=("https://mirror.example.org",))
+        h.server.hold.add("/trf/runGen")
+        h.server.jobs.append(job(506, transformation=f"{BASE}/trf/runGen"))
+        h.start()
+        self.assertEqual(len(h.server.held), 1, "the download is under way")
+        calls = len(h.server.calls)
+        h.service.handle_signal(signal.SIGTERM)
+        h.clock.advance(0)
+        after = [c.path for c in h.server.calls[calls:]]
+        self.assertEqual(after, ["/api/v1/pilot/update_job"], "the final update and nothing else")
+        self.assertEqual(h.server.updates(506)[-1]["pilot_error_code"], ErrorCode.SIGTERM)
+        self.assertEqual(h.spawner.processes, [], "no process started")
+        self.assertEqual(h.service.exit_code, ExitCode.SIGTERM)
+
+    def test_signal_during_a_preprocess_download_is_not_a_preprocess_failure(self) -> None:
+        h = ServiceHarness(self)
+        h.server.hold.add("/tools/prep.sh")
+        h.server.jobs.append(job(507, preprocess={"command": f"{BASE}/tools/prep.sh"}))
+        h.start()
+        self.assertEqual(len(h.server.held), 1)
+        h.service.handle_signal(signal.SIGTERM)
+        h.clock.advance(0)
+        final = h.server.updates(507)[-1]
+        self.assertEqual(final["pilot_error_code"], ErrorCode.SIGTERM, final.get("pilot_error_diag"))
+        self.assertEqual(h.spawner.processes, [])
+        self.assertEqual(h.service.exit_code, ExitCode.SIGTERM)
 
     def test_lifetime_end_kills_the_job(self) -> None:
         h = ServiceHarness(self, lifetime=1000.0, lifetime_margin=100.0)

@@ -1,4 +1,4 @@
-"""Pre-process, co-process, post-process and utilities around the payload.
+"""The job's pre-, co- and post-process commands: parsed, fetched when they are URLs, run as PanDA runs them.
 
 A job definition may carry ``preprocess``, ``coprocess`` and ``postprocess``, each
 ``{"command": ..., "args": ...}`` (a dict or its JSON text; ``ignore_failure`` on the
@@ -12,10 +12,10 @@ that are URLs).  The semantics are PanDA's:
 * the post-process runs after the payload; its failure is POSTPROCESSFAILURE unless
   ``ignore_failure`` is set.
 
-Utilities (``UtilitySpec``, from the experiment plug-in) start before or with the
-payload and are restarted up to their limit when they die, or run after it.  Each
-process writes ``<name>.stdout``/``<name>.stderr`` in the work directory and has a
-``ProcessRecord`` in the job summary.
+How they run beside the payload, with the experiment's utilities
+(``pilot.process.utility``), is ``pilot.job.phases.execute``.  Each process writes
+``<name>.stdout``/``<name>.stderr`` in the work directory and has a ``ProcessRecord``
+in the job summary.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
@@ -37,6 +38,7 @@ from pilot.errors import PilotError
 from pilot.logs import pilot_observer
 from pilot.model.job import Job
 from pilot.util.checksum import RunningChecksum
+from pilot.util.threads import ThreadRunner
 
 log = Logger(observer=pilot_observer)
 
@@ -101,14 +103,21 @@ def _verify(data: bytes, checksum: str) -> str | None:
     return None if actual == value.lower() else f"{kind} {actual} != {value.lower()}"
 
 
+def _install(target: Path, data: bytes) -> None:
+    target.write_bytes(data)
+    target.chmod(0o700)
+
+
 async def fetch_step(
-    step: Step, workdir: Path, download: Callable[[str], Awaitable[bytes]]
+    step: Step, workdir: Path, download: Callable[[str], Awaitable[bytes]], in_thread: ThreadRunner
 ) -> tuple[Step, str]:
     """Download a URL command into the work directory; returns the local step and its sha256."""
     code = ErrorCode.PREPROCESSFAILURE if step.name != "postprocess" else ErrorCode.POSTPROCESSFAILURE
     try:
         data = await download(step.command)
-    except Exception as exc:  # noqa: BLE001 - any failure to fetch is the step's failure
+    except CancelledError:
+        raise  # the job was aborted: not the step's failure
+    except Exception as exc:  # noqa: BLE001 - any other failure to fetch is the step's failure
         raise PilotError(code, f"cannot download {step.name} {step.command}: {exc}") from None
     if step.checksum is not None:
         problem = _verify(data, step.checksum)
@@ -118,8 +127,7 @@ async def fetch_step(
     if not name.replace(".", "").replace("-", "").replace("_", "").isalnum():
         name = step.name
     target = workdir / f"{step.name}-{name}"
-    target.write_bytes(data)
-    target.chmod(0o755)
+    await in_thread(_install, target, data)
     digest = hashlib.sha256(data).hexdigest()
     log.info("{step}: downloaded {url} (sha256 {digest})", step=step.name, url=step.command, digest=digest)
     return Step(step.name, f"./{target.name}", step.args, step.ignore_failure, step.checksum), digest

@@ -11,7 +11,7 @@ a pilot-side shell command.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -77,6 +77,7 @@ class ProcessLauncher:
         hidden: Sequence[Path] = (),
         kill_grace: float = 10.0,
         control: ProcessControl = OS_PROCESS_CONTROL,
+        gate: Callable[[], None] = lambda: None,
     ) -> None:
         self.spawner = spawner
         self.clock = clock
@@ -88,6 +89,9 @@ class ProcessLauncher:
         self.hidden = tuple(hidden)
         self.kill_grace = kill_grace
         self.control = control
+        #: Called before any process is built: raises once the job is aborted, so that
+        #: nothing new starts after a signal or a kill.
+        self.gate = gate
         self.runtimes_used: dict[str, str] = {}  # role → runtime, for the job summary
 
     def wrap(
@@ -138,6 +142,7 @@ class ProcessLauncher:
         self, role: str, name: str, argv: Sequence[str], environ: Mapping[str, str], *, failure: ErrorCode
     ) -> ManagedProcess:
         """The ``ManagedProcess`` for ``argv`` in ``role`` (wrapped in a container if asked)."""
+        self.gate()
         launch = self.wrap(role, argv, environ)
         if launch is None:
             launch = Launch(argv=list(argv), env=dict(environ))

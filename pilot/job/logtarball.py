@@ -15,10 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
 from pilot.errorcodes import ErrorCode
-from pilot.errors import PilotError
+from pilot.errors import PilotError, local_file_error
+from pilot.model.processes import ProcessOutcome
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 from pilot.util.threads import ThreadRunner
 
@@ -78,13 +80,18 @@ async def create_log_tarball(
     control: ProcessControl = OS_PROCESS_CONTROL,
     exclude: Sequence[str] = (),
 ) -> Path:
-    """Create ``destination`` from ``workdir``; PilotError(LOGFILECREATIONFAILURE/LOGCREATIONTIMEOUT)."""
+    """Create ``destination`` from ``workdir``.
+
+    PilotError: LOGFILECREATIONFAILURE, LOGCREATIONTIMEOUT, or NOLOCALSPACE when the
+    disk is full.  A cancellation stops tar and removes what it wrote.
+    """
     workdir, destination = workdir.absolute(), destination.absolute()
-    scan = await in_thread(scan_workdir, workdir)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    excludes = destination.parent / f".{destination.name}.exclude"
-    skipped = [*scan.external_links, *exclude]
-    excludes.write_text("".join(f"{workdir.name}/{name}\n" for name in skipped), encoding="utf-8")
+    try:
+        scan, excludes = await in_thread(_prepare, workdir, destination, exclude)
+    except OSError as exc:
+        raise local_file_error(
+            exc, f"log tarball {destination.name}", ErrorCode.LOGFILECREATIONFAILURE
+        ) from None
     root = _member_root(panda_id, queue)
     argv = [
         "tar",
@@ -122,17 +129,48 @@ async def create_log_tarball(
     timer = clock.callLater(timeout, process.terminate, "log tarball time-out")
     try:
         outcome = await process.wait()
+    except CancelledError:
+        process.terminate("the job is stopping")
+        await in_thread(_discard, destination, excludes, stderr)
+        raise
     finally:
         if timer.active():
             timer.cancel()
+    problem = await in_thread(_conclude, outcome, destination, excludes, stderr)
     if outcome.terminated_by_pilot:
-        destination.unlink(missing_ok=True)
         raise PilotError(ErrorCode.LOGCREATIONTIMEOUT, f"tar did not finish within {timeout:.0f} s")
-    # GNU tar exits 1 when files changed while being read: the tarball is still usable.
-    if outcome.exit_code not in (0, 1) or not destination.is_file():
-        detail = stderr.read_text(encoding="utf-8", errors="replace")[-200:] if stderr.exists() else ""
-        destination.unlink(missing_ok=True)
-        raise PilotError(ErrorCode.LOGFILECREATIONFAILURE, f"tar exit {outcome.shell_status}: {detail}")
-    excludes.unlink(missing_ok=True)
-    stderr.unlink(missing_ok=True)
+    if problem is not None:
+        code = ErrorCode.NOLOCALSPACE if "No space left" in problem else ErrorCode.LOGFILECREATIONFAILURE
+        raise PilotError(code, f"tar exit {outcome.shell_status}: {problem}")
     return destination
+
+
+def _prepare(workdir: Path, destination: Path, exclude: Sequence[str]) -> tuple[WorkdirScan, Path]:
+    """Scan the work directory and write tar's exclude list (in a thread)."""
+    scan = scan_workdir(workdir)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    excludes = destination.parent / f".{destination.name}.exclude"
+    skipped = [*scan.external_links, *exclude]
+    excludes.write_text("".join(f"{workdir.name}/{name}\n" for name in skipped), encoding="utf-8")
+    return scan, excludes
+
+
+def _discard(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _conclude(outcome: ProcessOutcome, destination: Path, excludes: Path, stderr: Path) -> str | None:
+    """Tidy up after tar (in a thread); tar's complaint when the tarball is unusable, else None."""
+    # GNU tar exits 1 when files changed while being read: the tarball is still usable.
+    problem: str | None = None
+    if outcome.terminated_by_pilot:
+        problem = "terminated"
+    elif outcome.exit_code not in (0, 1) or not destination.is_file():
+        problem = (
+            stderr.read_text(encoding="utf-8", errors="replace")[-200:] if stderr.exists() else "no tarball"
+        )
+    if problem is not None:
+        destination.unlink(missing_ok=True)
+    _discard(excludes, stderr)
+    return problem

@@ -15,12 +15,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.logs import pilot_observer
 from pilot.model.job import Job
+from pilot.util.threads import ThreadRunner
 
 log = Logger(observer=pilot_observer)
 
@@ -51,26 +53,36 @@ def local_name(url: str) -> str:
     return name if _SAFE_NAME.fullmatch(name) else "transformation"
 
 
-async def fetch_transformation(urls: Sequence[str], workdir: Path, download: Downloader) -> Path:
+def _install(target: Path, content: bytes) -> None:
+    """Write the transformation and make it executable (for its owner: the pilot user)."""
+    target.write_bytes(content)
+    try:
+        target.chmod(0o700)
+    except OSError as exc:
+        raise PilotError(ErrorCode.CHMODTRF, f"{target}: {exc.strerror}") from None
+
+
+async def fetch_transformation(
+    urls: Sequence[str], workdir: Path, download: Downloader, in_thread: ThreadRunner
+) -> Path:
     """Download the first URL that works into ``workdir`` and make it executable.
 
     Raises PilotError(TRFDOWNLOADFAILURE) if none works, PilotError(CHMODTRF) if
-    the file cannot be made executable.
+    the file cannot be made executable.  A cancellation (the job was aborted) ends
+    the search at once: it is not a failed mirror.
     """
     errors: list[str] = []
     for url in urls:
         try:
             content = await download(url)
-        except Exception as exc:  # noqa: BLE001 - every failure means "try the next mirror"
+        except CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every other failure means "try the next mirror"
             errors.append(f"{url}: {exc}")
             log.warn("cannot download transformation {url}: {error}", url=url, error=str(exc))
             continue
         target = workdir / local_name(url)
-        target.write_bytes(content)
-        try:
-            target.chmod(0o755)
-        except OSError as exc:
-            raise PilotError(ErrorCode.CHMODTRF, f"{target}: {exc.strerror}") from None
+        await in_thread(_install, target, content)
         log.info(
             "downloaded transformation {url} ({size} bytes)",
             url=url,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -47,6 +47,10 @@ class Utility:
             self.process = self.start_process(self.argv())
         except PilotError as exc:
             log.warn("utility {name} could not start: {diag}", name=self.spec.name, diag=exc.diag)
+            return
+        except CancelledError:
+            # the job is being stopped: a utility (or its restart) must not start now
+            log.info("utility {name} not started: the job is stopping", name=self.spec.name)
             return
         if self.record.started is None:
             self.record.started = self.clock.seconds()

@@ -1,13 +1,14 @@
-"""Sending one job's updates to PanDA: in order, one at a time, the final one for sure.
+"""One job's updates: in order, one at a time, the final one for sure.
 
 Updates of a job are serialised: a heartbeat never overtakes the ``running`` update,
 and the final update waits for anything in flight, so the server always sees the
 states in the order the pilot went through them.
 
-Non-final updates get the client's transport retries and nothing more (the next
+Non-final updates get the reporter's transport retries and nothing more (the next
 heartbeat will follow).  The final update is retried, with backoff on the clock,
 until the server accepts it or the deadline (the end of the pilot's lifetime, or the
-shutdown grace) passes: it is never silently dropped.
+shutdown grace) passes: it is never silently dropped.  Where the updates go is an
+``IJobReporter`` (the PanDA server, or files for Harvester): this module does not know.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from pilot.interfaces import IJobReporter
 from pilot.logs import pilot_observer
 from pilot.model.states import ServerState
-from pilot.server.client import JobUpdate, PandaClient, RetryPolicy, ServerError, StatusCode, UpdateResult
+from pilot.server.client import JobUpdate, RetryPolicy, ServerError, StatusCode, UpdateResult
 
 T = TypeVar("T")
 
@@ -34,6 +36,9 @@ _HOPELESS = frozenset({StatusCode.INVALID, StatusCode.ROLE, StatusCode.PERMISSIO
 
 #: Backoff between attempts of a final update (bounded by the deadline, not a count).
 FINAL_UPDATE_RETRY = RetryPolicy(attempts=1_000_000, initial=5.0, maximum=300.0)
+
+#: Longest single attempt of a final update (shorter when the deadline is nearer).
+FINAL_ATTEMPT_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,14 @@ class FinalUpdateLost(Exception):
     """The final update could not be delivered before the deadline."""
 
 
-class JobReporter:
+class JobUpdates:
+    """The update channel of one job; see the module docstring."""
+
     log = Logger(observer=pilot_observer)
 
     def __init__(
         self,
-        client: PandaClient,
+        reporter: IJobReporter,
         clock: IReactorTime,
         panda_id: int,
         attempt_nr: int | None,
@@ -64,7 +71,7 @@ class JobReporter:
         *,
         final_retry: RetryPolicy = FINAL_UPDATE_RETRY,
     ) -> None:
-        self._client = client
+        self._reporter = reporter
         self._clock = clock
         self._panda_id = panda_id
         self._attempt_nr = attempt_nr
@@ -99,7 +106,9 @@ class JobReporter:
         """A non-final update; None if it could not be delivered (already logged)."""
         async with self._lock:
             try:
-                result = await self._client.update_job(self._update(state, fields))
+                result = await self._reporter.update_job(
+                    self._update(state, fields), final=False, timeout=None
+                )
             except ServerError as exc:
                 self.log.warn(
                     "job {pandaid}: {state} update not delivered: {error}",
@@ -143,12 +152,10 @@ class JobReporter:
                         f"job {self._panda_id}: final update not accepted before the deadline"
                     )
                 try:
-                    call = self._client.update_job(
-                        update,
-                        retry=RetryPolicy(attempts=1),
-                        timeout=min(self._client.timeout, max(remaining, 1.0)),
+                    call = self._reporter.update_job(
+                        update, final=True, timeout=min(FINAL_ATTEMPT_TIMEOUT, max(remaining, 1.0))
                     )
-                    result = await self._interruptible(Deferred.fromCoroutine(call))
+                    result = await self._interruptible(call)
                 except CancelledError:
                     continue
                 except ServerError as exc:

@@ -1,0 +1,122 @@
+"""Setup: the job's work directory, the checks before anything is staged, the ``starting``
+update, the heartbeat, and the transformation when it must be downloaded."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from pilot.errorcodes import ErrorCode
+from pilot.errors import PilotError
+from pilot.job.context import JobContext
+from pilot.job.heartbeat import Heartbeat
+from pilot.job.launcher import ProcessLauncher
+from pilot.job.staging import JobStaging
+from pilot.job.states import JobPhase
+from pilot.job.transformation import download_sources, fetch_transformation
+from pilot.logs import pilot_observer
+
+log = Logger(observer=pilot_observer)
+
+#: The job directory and what the pilot writes in it are the pilot user's alone.
+WORKDIR_MODE = 0o700
+
+
+def make_workdir(pilot_dir: Path, panda_id: int) -> Path:
+    """``PanDA_Pilot-<PandaID>`` under the pilot's directory, empty, with its ``tmp``."""
+    workdir = pilot_dir / f"PanDA_Pilot-{panda_id}"
+    try:
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(mode=WORKDIR_MODE)
+        (workdir / "tmp").mkdir()
+    except OSError as exc:
+        code = ErrorCode.NOLOCALSPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.MKDIR
+        raise PilotError(code, f"{workdir}: {exc.strerror}") from None
+    return workdir
+
+
+class SetupPhase:
+    """See the module docstring."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    async def run(self) -> None:
+        ctx, env, job = self.ctx, self.ctx.env, self.ctx.job
+        state = ctx.advance(JobPhase.SETUP)
+        ctx.control.check()
+        workdir = await env.in_thread(make_workdir, env.pilot_dir, job.panda_id)
+        ctx.workdir = workdir
+        ctx.summary.workdir = str(workdir)
+        await self._check_free_space(workdir)
+        problem = await env.in_thread(env.experiment.verify_setup, job, workdir)
+        if problem:
+            raise PilotError(ErrorCode.SETUPFAILURE, problem)
+        ctx.launcher = self._launcher(workdir)
+        ctx.staging = JobStaging(
+            job,
+            workdir,
+            env.staging,
+            env.queuedata,
+            spawner=env.spawner,
+            clock=env.clock,
+            in_thread=env.in_thread,
+            control=env.process_control,
+            catalog_name=env.experiment.file_catalog_name(job),
+            wrap_in=ctx.launcher.copytool_wrapper("stagein"),
+            wrap_out=ctx.launcher.copytool_wrapper("stageout"),
+        )
+        if state is not None:
+            ctx.control.check()
+            await ctx.send(state)
+        ctx.heartbeat = Heartbeat(
+            env.clock,
+            env.config.heartbeat_period,
+            env.config.debug_heartbeat_period,
+            ctx.beat,
+            debug=job.is_debug,
+        )
+        ctx.heartbeat.start()
+        sources = download_sources(job, env.config.baseurls)
+        if sources:
+            path = await ctx.control.guard(
+                fetch_transformation(sources, workdir, env.download, env.in_thread)
+            )
+            ctx.transformation = f"./{path.name}"
+
+    async def _check_free_space(self, workdir: Path) -> None:
+        """A job needs ``min_free_start`` bytes free before it starts (2 GB by default)."""
+        env = self.ctx.env
+        needed = env.config.monitor.min_free_start
+        try:
+            free = (await env.in_thread(shutil.disk_usage, workdir)).free
+        except OSError:
+            return
+        if free < needed:
+            raise PilotError(
+                ErrorCode.NOLOCALSPACE,
+                f"{free / 1e9:.2f} GB free for the job, {needed / 1e9:.2f} GB needed before it starts",
+            )
+
+    def _launcher(self, workdir: Path) -> ProcessLauncher:
+        env = self.ctx.env
+        credentials = env.config.credentials
+        # the pilot's directory (its logs, other jobs) and its own credentials
+        hidden = [env.pilot_dir, *(p for p in (credentials.proxy, credentials.token_file) if p)]
+        return ProcessLauncher(
+            spawner=env.spawner,
+            clock=env.clock,
+            job=self.ctx.job,
+            workdir=workdir,
+            experiment=env.experiment,
+            queuedata=env.queuedata,
+            pilot_environ=env.pilot_environ,
+            hidden=hidden,
+            kill_grace=env.config.kill_grace,
+            control=env.process_control,
+            gate=self.ctx.control.check,
+        )

@@ -1,0 +1,430 @@
+"""The job loop: start-up checks, then ask for a job, run it, and ask again while allowed.
+
+``JobLoop.startService`` starts one coroutine that
+
+1. creates the pilot's work directory, loads the queue configuration (from a URL if
+   ``--queuedata`` names one) and checks the queue's state;
+2. asks its job source for a job, runs it (``pilot.job.pipeline.JobRun``), and asks
+   again while the timefloor and the remaining lifetime allow, backing off on the
+   clock after a request that brought no job;
+3. ends with an exit code (``pilot.errors.ExitCode``), delivered through ``done``.
+
+``-v/--getjob-requests`` counts answers without a job in a row, ``-x/--getjob-failures``
+failed requests in a row (a failure is not a "no job": both limits can be reached).
+Signals and the end of the lifetime abort the running job with the matching PanDA
+code; the job still sends its final update, then the loop ends with the signal's
+(or REACHEDMAXTIME's) exit code.  All timing uses the injected clock.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from pilot import __version__
+from pilot.config import PilotConfig
+from pilot.errorcodes import ErrorCode
+from pilot.errors import ExitCode, PilotError, exit_code_for
+from pilot.interfaces import IExperiment, IJobReporter, IJobSource
+from pilot.job.context import Download, JobEnvironment
+from pilot.job.pipeline import JobRun
+from pilot.job.staging import StagingSetup
+from pilot.job.summary import JobSummary, utc_text
+from pilot.logs import pilot_observer
+from pilot.monitor.status import STATUS_NAME, StatusFile
+from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
+from pilot.queuedata import QueueData, parse_queuedata
+from pilot.server.client import ServerError, ServerRefused, StatusCode
+from pilot.service.requests import job_request, node_resources, pilot_identity
+from pilot.staging.storage import StorageData
+from pilot.util.deferreds import OneShot
+from pilot.util.threads import ThreadRunner
+
+T = TypeVar("T")
+
+#: A job request is not made with less lifetime left than this (seconds).
+MIN_REMAINING_FOR_JOB = 60.0
+
+
+class JobLoop(Service):
+    """See the module docstring."""
+
+    name = "jobs"
+    log = Logger(observer=pilot_observer)
+
+    def __init__(
+        self,
+        config: PilotConfig,
+        *,
+        clock: IReactorTime,
+        spawner: IReactorProcess,
+        source: IJobSource,
+        reporter: IJobReporter,
+        fetch: Download,
+        experiment: IExperiment,
+        in_thread: ThreadRunner,
+        environ: Mapping[str, str],
+        jitter: Callable[[], float] = random.random,
+        process_control: ProcessControl = OS_PROCESS_CONTROL,
+        staging: StagingSetup | None = None,
+        wall: Callable[[], float] = time.time,
+        on_job_done: Callable[[JobSummary], None] = lambda summary: None,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._spawner = spawner
+        self._source = source
+        self._reporter = reporter
+        self._fetch = fetch
+        self._experiment = experiment
+        self._in_thread = in_thread
+        self._environ = environ
+        self._jitter = jitter
+        self._process_control = process_control
+        self._wall = wall
+        self._on_job_done = on_job_done
+        self.staging = staging or StagingSetup(
+            storage=config.storagedata or StorageData(), records_dir=config.workdir
+        )
+        self.queuedata: QueueData = config.queuedata or QueueData.default(config.queue)
+        self.summaries: list[JobSummary] = []
+        self.pilot_dir: Path | None = None
+        self.status: StatusFile | None = None
+        self.started_at = 0.0
+        self._done: OneShot[ExitCode] = OneShot()
+        #: Fires with True once the pilot directory and the queue configuration are ready
+        #: (False if start-up failed): what else needs them waits for this.
+        self.ready: Deferred[bool] = Deferred()
+        self._stop_code: ErrorCode | None = None
+        self._softkill = False
+        self._current: JobRun | None = None
+        self._wait: Deferred[Any] | None = None
+        self._lifetime_call: IDelayedCall | None = None
+
+    # -- Service API ---------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.started_at = self._clock.seconds()
+        main = Deferred.fromCoroutine(self._main())
+        main.addErrback(self._crashed)
+        main.addCallback(self._ended)
+
+    def stopService(self) -> Deferred[ExitCode]:
+        """Stop: the running job is aborted (its final update still goes out); fires with the exit code."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        if not self._done.fired:
+            self.request_stop(ErrorCode.GENERALERROR, "the pilot is being shut down")
+        return self._done.wait()
+
+    # -- control from outside ------------------------------------------------------
+
+    def request_stop(
+        self, code: ErrorCode, detail: str, *, final_deadline: float | None = None, kill_now: bool = False
+    ) -> None:
+        """Stop fetching; abort the running job with ``code`` (the first stop's code wins)."""
+        if self._stop_code is None:
+            self._stop_code = code
+        if final_deadline is None:
+            final_deadline = self._clock.seconds() + self.config.kill_grace + self.config.shutdown_grace
+        if self._current is not None:
+            self._current.abort(code, detail, final_deadline=final_deadline, kill_now=kill_now)
+        if self._wait is not None:
+            self._wait.cancel()
+
+    def softkill(self) -> None:
+        """The server asked the pilot to take no further job."""
+        if not self._softkill:
+            self._softkill = True
+            self.log.info("softkill: no further job will be fetched", event="pilot.softkill")
+
+    def _lifetime_reached(self) -> None:
+        self._lifetime_call = None
+        self.log.warn("the pilot's lifetime is up", event="pilot.lifetime")
+        if self._stop_code is None:
+            self.request_stop(
+                ErrorCode.REACHEDMAXTIME,
+                f"pilot lifetime of {self.lifetime:.0f} s reached",
+                final_deadline=self._deadline(),
+            )
+
+    # -- lifetime ------------------------------------------------------------------
+
+    @property
+    def lifetime(self) -> float:
+        """The pilot's lifetime: ``--lifetime``, shortened by the queue's ``maxtime``."""
+        maxtime = float(self.queuedata.maxtime)
+        lifetime: float = self.config.lifetime
+        return min(lifetime, maxtime) if maxtime > 0 else lifetime
+
+    def _deadline(self) -> float:
+        """The absolute end of the pilot's life: no update is attempted after it."""
+        return self.started_at + self.lifetime
+
+    def _remaining(self) -> float:
+        return self.started_at + self.lifetime - self.config.lifetime_margin - self._clock.seconds()
+
+    # -- the main coroutine --------------------------------------------------------
+
+    async def _main(self) -> ExitCode:
+        self.log.info(
+            "txpilot {version} for queue {queue} against {url} (api {api})",
+            version=__version__,
+            queue=self.config.queue,
+            url=self.config.server_url,
+            api=self.config.api.value,
+            event="pilot.start",
+        )
+        for notice in self.config.notices:
+            self.log.warn("{notice}", notice=notice, event="pilot.notice")
+        try:
+            self.pilot_dir = await self._in_thread(
+                _make_pilot_dir, self.config.workdir.absolute(), self.started_at
+            )
+            self.status = StatusFile(self.pilot_dir / STATUS_NAME, self._in_thread)
+            self.status.update(
+                pilot={
+                    "queue": self.config.queue,
+                    "server": self.config.server_url,
+                    "started": utc_text(self._wall()),
+                    "pid": os.getpid(),
+                    "jobs": 0,
+                }
+            )
+            await self._guarded(self._load_queuedata())
+        except CancelledError:
+            self.ready.callback(False)
+            return exit_code_for(self._stop_code or ErrorCode.GENERALERROR)
+        except PilotError as exc:
+            self.ready.callback(False)
+            self.log.error("{diag}", diag=exc.diag, event="pilot.startup_failed", code=int(exc.code))
+            return exit_code_for(exc.code)
+        self.ready.callback(True)
+        end_of_work = self.started_at + self.lifetime - self.config.lifetime_margin
+        self._lifetime_call = self._clock.callLater(
+            max(0.0, end_of_work - self._clock.seconds()), self._lifetime_reached
+        )
+        return await self._job_loop()
+
+    async def _load_queuedata(self) -> None:
+        source = self.config.queuedata_source
+        if source and self.config.queuedata is None:
+            try:
+                data = await self._fetch(source)
+            except ServerError as exc:
+                raise PilotError(
+                    ErrorCode.QUEUEDATA, f"cannot download the queue configuration: {exc}"
+                ) from None
+            self.queuedata = parse_queuedata(data, self.config.queue)
+        elif self.config.queuedata is None:
+            self.log.warn(
+                "no queue configuration loaded (no --queuedata): {queue} runs with defaults "
+                "(no timefloor, no storage, no containers)",
+                queue=self.config.queue,
+                event="pilot.no_queuedata",
+            )
+        storage_source = self.config.storagedata_source
+        if storage_source and self.config.storagedata is None:
+            try:
+                data = await self._fetch(storage_source)
+            except ServerError as exc:
+                raise PilotError(
+                    ErrorCode.QUEUEDATA, f"cannot download the storage description: {exc}"
+                ) from None
+            self.staging = replace(self.staging, storage=StorageData.from_bytes(data))
+        self.queuedata = self._experiment.adjust_queuedata(self.queuedata)
+        problem = self.queuedata.state_error()
+        if problem is not None:
+            raise problem
+        self.log.info(
+            "queue {queue}: timefloor {timefloor} s, maxtime {maxtime} s",
+            queue=self.queuedata.name,
+            timefloor=self.queuedata.timefloor,
+            maxtime=self.queuedata.maxtime,
+            event="pilot.queuedata",
+        )
+
+    def _why_stop_fetching(self, jobs_run: int) -> str | None:
+        if self._stop_code is not None:
+            return f"stop requested ({self._stop_code.name})"
+        if self._softkill:
+            return "the server sent softkill"
+        if jobs_run > 0:
+            elapsed = self._clock.seconds() - self.started_at
+            if self.queuedata.timefloor <= 0:
+                return "the queue has no timefloor: one job per pilot"
+            if elapsed >= self.queuedata.timefloor:
+                return f"timefloor of {self.queuedata.timefloor} s used up after {elapsed:.0f} s"
+        if self._remaining() < MIN_REMAINING_FOR_JOB:
+            return f"only {max(0.0, self._remaining()):.0f} s of lifetime left"
+        return None
+
+    async def _job_loop(self) -> ExitCode:
+        jobs_run = no_job_answers = failures = 0
+        while True:
+            reason = self._why_stop_fetching(jobs_run)
+            if reason is not None:
+                self.log.info("no further job: {reason}", reason=reason, event="pilot.wrap_up")
+                break
+            asked_at = self._clock.seconds()
+            try:
+                resources = await self._in_thread(node_resources, self.pilot_dir)
+                request = job_request(self.config, self.queuedata, resources, self._remaining())
+                result = await self._guarded(self._source.acquire_jobs(request))
+            except CancelledError:
+                continue
+            except ServerRefused as exc:
+                if exc.http_status in (401, 403):
+                    return self._refused(str(exc))
+                failures += 1
+                self.log.error("job request failed: {error}", error=str(exc), event="pilot.getjob_failed")
+            except ServerError as exc:
+                failures += 1
+                self.log.error("job request failed: {error}", error=str(exc), event="pilot.getjob_failed")
+            else:
+                if result.status is StatusCode.SUCCESS and result.jobs:
+                    for definition in result.jobs:
+                        await self._run_job(definition, self._clock.seconds() - asked_at)
+                        jobs_run += 1
+                    no_job_answers = failures = 0
+                    continue
+                if result.status in (StatusCode.ROLE, StatusCode.PERMISSION):
+                    return self._refused(f"StatusCode {int(result.status)}: {result.message}")
+                if result.status is StatusCode.NO_JOBS:
+                    no_job_answers += 1
+                    failures = 0
+                    self.log.info(
+                        "no job available for {queue}", queue=self.config.queue, event="pilot.nojob"
+                    )
+                else:
+                    failures += 1
+                    self.log.error(
+                        "job request refused: StatusCode {status} {message}",
+                        status=int(result.status),
+                        message=result.message,
+                        event="pilot.getjob_refused",
+                    )
+            if failures >= max(1, self.config.getjob_failures):
+                self.log.error("{n} job requests failed in a row", n=failures, event="pilot.wrap_up")
+                return exit_code_for(self._stop_code) if self._stop_code else ExitCode.COMMUNICATIONFAILURE
+            if no_job_answers >= max(1, self.config.getjob_requests):
+                self.log.info("no job after {n} requests", n=no_job_answers, event="pilot.wrap_up")
+                break
+            delay = self._backoff(no_job_answers + failures)
+            self.log.info("next job request in {delay:.1f} s", delay=delay, event="pilot.backoff")
+            try:
+                await self._guarded(deferLater(self._clock, delay, lambda: None))
+            except CancelledError:
+                continue
+        return exit_code_for(self._stop_code) if self._stop_code is not None else ExitCode.OK
+
+    def _refused(self, reason: str) -> ExitCode:
+        """The server will not give this pilot jobs with its credentials: asking again is pointless."""
+        self.log.error(
+            "the server refuses this pilot's credentials ({reason}); check the proxy's VOMS role or the token",
+            reason=reason,
+            event="pilot.refused",
+        )
+        return exit_code_for(self._stop_code) if self._stop_code is not None else ExitCode.NOPROXY
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.config.nojob_backoff * 2.0 ** (attempt - 1), self.config.nojob_backoff_max)
+        return base * (0.5 + self._jitter())
+
+    async def _guarded(self, awaitable: Deferred[T] | Coroutine[Any, Any, T]) -> T:
+        """Await something a stop may cancel (a job request, a backoff wait, the queuedata)."""
+        if self._stop_code is not None:
+            if not isinstance(awaitable, Deferred):
+                awaitable.close()
+            else:
+                awaitable.cancel()
+            raise CancelledError()
+        wait: Deferred[T] = (
+            awaitable if isinstance(awaitable, Deferred) else Deferred.fromCoroutine(awaitable)
+        )
+        self._wait = wait
+        try:
+            return await wait
+        finally:
+            self._wait = None
+
+    async def _run_job(self, definition: Mapping[str, Any], getjob_seconds: float) -> None:
+        assert self.pilot_dir is not None
+        env = JobEnvironment(
+            reporter=self._reporter,
+            download=self._fetch,
+            clock=self._clock,
+            spawner=self._spawner,
+            in_thread=self._in_thread,
+            config=self.config,
+            queuedata=self.queuedata,
+            experiment=self._experiment,
+            identity=pilot_identity(self.config, self.queuedata, self._environ),
+            pilot_dir=self.pilot_dir,
+            pilot_environ=self._environ,
+            deadline=self._deadline,
+            on_softkill=self.softkill,
+            process_control=self._process_control,
+            staging=self.staging,
+            status=self.status,
+            wall=self._wall,
+        )
+        run = JobRun(env, definition, getjob_seconds=getjob_seconds)
+        self._current = run
+        if self._stop_code is not None:  # a stop arrived while the job was being fetched
+            run.abort(self._stop_code, "the pilot is stopping")
+        try:
+            summary = await run.run()
+        finally:
+            self._current = None
+        self.summaries.append(summary)
+        if self.status is not None:
+            pilot_section = dict(self.status.document.get("pilot", {}), jobs=len(self.summaries))
+            last = {"pandaid": summary.panda_id, "state": summary.state, "ended": utc_text(self._wall())}
+            last["pilot_error_code"] = summary.pilot_error_code
+            self.status.update(pilot=pilot_section, job=None, last_job=last)
+        self._on_job_done(summary)
+
+    # -- the end -------------------------------------------------------------------
+
+    def _crashed(self, failure: Any) -> ExitCode:
+        self.log.failure("the pilot failed unexpectedly", failure)
+        return ExitCode.UNKNOWNEXCEPTION
+
+    def _ended(self, code: ExitCode) -> None:
+        if not self.ready.called:
+            self.ready.callback(False)
+        if self._lifetime_call is not None and self._lifetime_call.active():
+            self._lifetime_call.cancel()
+        self._lifetime_call = None
+        self._done.fire(code)
+
+    def when_done(self) -> Deferred[ExitCode]:
+        """Fires with the exit code once the loop has ended."""
+        return self._done.wait()
+
+    @property
+    def ended(self) -> bool:
+        return self._done.fired
+
+
+def _make_pilot_dir(base: Path, started: float) -> Path:
+    path = base / f"txpilot_{os.getpid()}_{int(started)}"
+    try:
+        path.mkdir(parents=True, mode=0o700)
+    except OSError as exc:
+        raise PilotError(
+            ErrorCode.MKDIR, f"cannot create the pilot directory {path}: {exc.strerror}"
+        ) from None
+    return path

@@ -1,0 +1,1 @@
+"""Job sources and reporters: where jobs come from and where their updates go."""
