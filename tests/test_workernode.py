@@ -30,21 +30,18 @@ from zope.interface import implementer
 
 from pilot.devserver.server import DevServer, start_dev_server
 from pilot.model.credentials import Credentials
-from pilot.monitor.workernode import (
+from pilot.monitor.gpus import (
     NVIDIA_QUERY,
     ROCM_QUERY,
     Gpu,
-    WorkerNode,
-    describe_worker_node,
     find_gpus,
     group_gpus,
     nvidia_architecture,
     parse_cuda_version,
     parse_nvidia_smi,
     parse_rocm_smi,
-    report_worker_node,
-    x86_64_level,
 )
+from pilot.monitor.workernode import WorkerNode, describe_worker_node, report_worker_node, x86_64_level
 from pilot.server.api import ApiMode
 from pilot.server.client import PandaClient, RetryPolicy, StatusCode
 from pilot.server.tls import PilotTLSPolicy
@@ -299,7 +296,7 @@ class CannedMachineTests(SynchronousTestCase):
         )
         gpu = Gpu(vendor="NVIDIA", model="Tesla T4", count=2, vram=15360, framework="CUDA")
         self.assertEqual(
-            gpu.as_fields(node),
+            gpu.as_fields(node.site, node.host_name),
             {
                 "site": "S",
                 "host_name": "h",
@@ -725,4 +722,4 @@ class ReportFailureTests(SynchronousTestCase):
             [c.path for c in server.calls],
             ["/api/v1/pilot/update_worker_node", "/api/v1/pilot/update_worker_node_gpu"],
         )
-        self.assertEqual(json.loads(gzip.decompress(server.calls[1].body)), T4.as_fields(NODE))
+        self.assertEqual(json.loads(gzip.decompress(server.calls[1].body)), T4.as_fields(NODE.site, NODE.host_name))

@@ -39,7 +39,8 @@ from pilot.interfaces import IExperiment, IJobReporter, IJobSource
 from pilot.job.staging import StagingSetup
 from pilot.job.summary import JobSummary
 from pilot.logs import JsonLogFile, pilot_observer
-from pilot.monitor.workernode import describe_worker_node, find_gpus, report_worker_node
+from pilot.monitor.gpus import find_gpus
+from pilot.monitor.workernode import describe_worker_node, report_worker_node
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.server.client import PandaClient
 from pilot.service.jobloop import JobLoop
