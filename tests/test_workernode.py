@@ -722,4 +722,6 @@ class ReportFailureTests(SynchronousTestCase):
             [c.path for c in server.calls],
             ["/api/v1/pilot/update_worker_node", "/api/v1/pilot/update_worker_node_gpu"],
         )
-        self.assertEqual(json.loads(gzip.decompress(server.calls[1].body)), T4.as_fields(NODE.site, NODE.host_name))
+        self.assertEqual(
+            json.loads(gzip.decompress(server.calls[1].body)), T4.as_fields(NODE.site, NODE.host_name)
+        )
