@@ -35,6 +35,33 @@ def run_sync(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
     return succeed(f(*args, **kwargs))
 
 
+class QueuedThreads:
+    """A ThreadRunner whose calls wait until the test runs them, in the order it chooses.
+
+    Worker threads finish in any order; running the newest call first shows what
+    happens when a later call overtakes an earlier one.
+    """
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.queue.append((f, args, kwargs, done))
+        return done
+
+    def run_newest_first(self) -> None:
+        """Run queued calls, newest first, until none is left (calls may queue more)."""
+        while self.queue:
+            f, args, kwargs, done = self.queue.pop()
+            try:
+                result = f(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - handed to the waiter, as a thread pool does
+                done.errback()
+            else:
+                done.callback(result)
+
+
 @dataclass
 class Call:
     """One request as the server saw it."""
@@ -71,7 +98,7 @@ class ScriptedPanda(Resource):
         self.commands: dict[int, str] = {}
         self.update_status: list[int] = []
         self.files: dict[str, bytes] = {}
-        #: GET paths that never answer (a stuck mirror): their requests wait here.
+        #: Paths that never answer (a stuck mirror or server): their requests wait here.
         self.hold: set[str] = set()
         self.held: list[Request] = []
         self.on_call: Callable[[Call], None] | None = None
@@ -127,7 +154,7 @@ class ScriptedPanda(Resource):
         self.calls.append(call)
         if self.on_call is not None:
             self.on_call(call)
-        if request.method == b"GET" and path in self.hold:
+        if path in self.hold:
             self.held.append(request)
             return NOT_DONE_YET  # type: ignore[return-value]  # twisted.web: "not done yet"
         if request.method == b"GET" and path in self.files:

@@ -14,6 +14,8 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.config import KeepWorkdirs, PilotConfig
@@ -25,7 +27,7 @@ from pilot.server.api import ApiMode
 from pilot.server.client import PandaClient, RetryPolicy
 from pilot.service import PilotService
 
-from .fakes import FakeProcessControl, FakeSpawner, Scripted, ScriptedPanda, run_sync
+from .fakes import FakeProcessControl, FakeSpawner, QueuedThreads, Scripted, ScriptedPanda, run_sync
 
 BASE = "https://panda.example.org:25443"
 T0 = 1_800_000_000.0
@@ -52,7 +54,13 @@ class ServiceHarness:
     """A PilotService wired to fakes, with helpers to drive it."""
 
     def __init__(
-        self, test: SynchronousTestCase, *, timefloor: int = 0, api: ApiMode = ApiMode.V1, **config: Any
+        self,
+        test: SynchronousTestCase,
+        *,
+        timefloor: int = 0,
+        api: ApiMode = ApiMode.V1,
+        in_thread: Any = run_sync,
+        **config: Any,
     ):
         self.clock = Clock()
         self.clock.advance(T0)
@@ -88,7 +96,7 @@ class ServiceHarness:
             spawner=self.spawner,
             client=self.client,
             experiment=GenericExperiment(),
-            in_thread=run_sync,
+            in_thread=in_thread,
             environ={"PATH": "/usr/bin:/bin", "X509_USER_PROXY": "/secret/proxy"},
             stop_reactor=self._stopped,
             jitter=lambda: 0.5,
@@ -376,6 +384,50 @@ class MultiJobTests(SynchronousTestCase):
             [s.state for s in h.service.summaries],
             ["rejected", "failed", "failed", "failed", "failed", "finished"],
         )
+
+
+class FirstRunTests(SynchronousTestCase):
+    """What a new site operator sees on a first run."""
+
+    def events(self) -> list[dict[str, Any]]:
+        return EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[no-any-return]
+
+    def test_quick_end_with_a_node_report_in_flight_logs_no_failure(self) -> None:
+        events = self.events()
+        h = ServiceHarness(self, report_worker_node=True, getjob_requests=1)
+        h.server.hold.add("/api/v1/pilot/update_worker_node")
+        h.start()
+        h.clock.advance(0)
+        self.assertEqual(h.service.exit_code, ExitCode.OK)
+        self.successResultOf(h.service.stopService())
+        failures = [e for e in events if "log_failure" in e or e.get("log_level") is LogLevel.critical]
+        self.assertEqual(failures, [], "a cancelled node report is not a failure")
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_missing_credentials_are_named_at_start(self) -> None:
+        events = self.events()
+        h = ServiceHarness(self, getjob_requests=1)
+        h.start()
+        notices = [e for e in events if e.get("event") == "pilot.no_credential"]
+        self.assertEqual(len(notices), 1)
+        self.assertIn("token file", formatEvent(notices[0]))
+
+    def test_no_queue_configuration_is_named_at_start(self) -> None:
+        events = self.events()
+        h = ServiceHarness(self, getjob_requests=1, queuedata=None)
+        h.start()
+        self.assertEqual(len([e for e in events if e.get("event") == "pilot.no_queuedata"]), 1)
+
+    def test_lifetime_within_the_margin_asks_nothing_and_leaves_nothing(self) -> None:
+        threads = QueuedThreads()
+        h = ServiceHarness(self, lifetime=100.0, lifetime_margin=180.0, in_thread=threads)
+        h.start()
+        for _ in range(5):  # threads finish out of order: the status file write comes last
+            threads.run_newest_first()
+            h.clock.advance(0)
+        self.assertEqual(h.server.acquires(), [])
+        self.assertIsNotNone(h.service.exit_code)
+        self.assertFalse(Path(str(h.service.pilot_dir)).exists(), "the pilot directory is removed")
 
 
 class SignalTests(SynchronousTestCase):

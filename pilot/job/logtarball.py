@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,7 @@ async def create_log_tarball(
     if outcome.terminated_by_pilot:
         raise PilotError(ErrorCode.LOGCREATIONTIMEOUT, f"tar did not finish within {timeout:.0f} s")
     if problem is not None:
-        code = ErrorCode.NOLOCALSPACE if "No space left" in problem else ErrorCode.LOGFILECREATIONFAILURE
+        code = ErrorCode.NOLOCALSPACE if problem.startswith(DISK_FULL) else ErrorCode.LOGFILECREATIONFAILURE
         raise PilotError(code, f"tar exit {outcome.shell_status}: {problem}")
     return destination
 
@@ -153,6 +154,18 @@ def _prepare(workdir: Path, destination: Path, exclude: Sequence[str]) -> tuple[
     skipped = [*scan.external_links, *exclude]
     excludes.write_text("".join(f"{workdir.name}/{name}\n" for name in skipped), encoding="utf-8")
     return scan, excludes
+
+
+#: Less free space than this where the tarball is written: the disk is full.
+FULL_DISK_BYTES = 1 << 20
+DISK_FULL = "the disk is full"
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return FULL_DISK_BYTES
 
 
 def _discard(*paths: Path) -> None:

@@ -35,6 +35,7 @@ class StatusFile:
         self._document: dict[str, Any] = {}
         self._writing: Deferred[None] | None = None
         self._dirty = False
+        self._closed = False
 
     @property
     def document(self) -> dict[str, Any]:
@@ -48,7 +49,7 @@ class StatusFile:
             else:
                 self._document[key] = value
         self._dirty = True
-        if self._writing is None:
+        if self._writing is None and not self._closed:
             writing = Deferred.fromCoroutine(self._flush())
             self._writing = None if writing.called else writing
 
@@ -68,3 +69,12 @@ class StatusFile:
         """Wait until everything updated so far is on disk."""
         while self._writing is not None:
             await self._writing
+
+    async def close(self) -> None:
+        """Write what is pending, then nothing more: the pilot directory is about to go.
+
+        A write still running in a worker thread while the directory is removed could
+        recreate a file in it, and the directory would stay behind.
+        """
+        await self.flushed()
+        self._closed = True

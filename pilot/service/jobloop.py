@@ -188,6 +188,14 @@ class JobLoop(Service):
         )
         for notice in self.config.notices:
             self.log.warn("{notice}", notice=notice, event="pilot.notice")
+        credentials = self.config.credentials
+        if credentials.proxy is None and credentials.token_file is None:
+            self.log.warn(
+                "no credential found: no X509_USER_PROXY, no /tmp/x509up_u{uid} and no token file "
+                "(--token-file, PANDA_AUTH_TOKEN); a production server will refuse this pilot",
+                uid=os.getuid(),
+                event="pilot.no_credential",
+            )
         try:
             self.pilot_dir = await self._in_thread(
                 _make_pilot_dir, self.config.workdir.absolute(), self.started_at

@@ -277,6 +277,8 @@ class PilotService(MultiService):
                     total=summary.durations.get("total", 0.0),
                     event="pilot.job_line",
                 )
+            if self.jobs.status is not None:
+                await self.jobs.status.close()
             pilot_dir = self.jobs.pilot_dir
             if pilot_dir is not None and self.config.keep_workdirs is KeepWorkdirs.NONE:
                 await self._in_thread(shutil.rmtree, pilot_dir, True)
