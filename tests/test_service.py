@@ -14,7 +14,6 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -390,7 +389,12 @@ class FirstRunTests(SynchronousTestCase):
     """What a new site operator sees on a first run."""
 
     def events(self) -> list[dict[str, Any]]:
-        return EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[no-any-return]
+        """Every log event from now to the end of the test."""
+        captured: list[dict[str, Any]] = []
+        observer = captured.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return captured
 
     def test_quick_end_with_a_node_report_in_flight_logs_no_failure(self) -> None:
         events = self.events()
