@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.config import KeepWorkdirs, PilotConfig
@@ -391,7 +391,7 @@ class FirstRunTests(SynchronousTestCase):
     def events(self) -> list[dict[str, Any]]:
         """Every log event from now to the end of the test."""
         captured: list[dict[str, Any]] = []
-        observer = captured.append
+        observer = cast(ILogObserver, captured.append)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         return captured
