@@ -119,6 +119,10 @@ class FinishPhase:
             ctx.reported = []  # outputs count only if the job got through stage-out
         if not ctx.control.aborted or ctx.control.keep_log:
             await self._safely("making the log tarball", self._log_tarball, ErrorCode.LOGFILECREATIONFAILURE)
+        if not ctx.errors and not ctx.control.aborted and ctx.lifecycle.phase is not JobPhase.STAGEOUT:
+            # only a job that got through stage-out has finished; anything else is a pilot bug
+            phase = ctx.lifecycle.phase.value
+            ctx.errors.record(ErrorCode.UNKNOWNEXCEPTION, f"the job ended in phase {phase} without an error")
         ctx.advance(JobPhase.FAILED if ctx.errors or ctx.control.aborted else JobPhase.FINISHED)
         for pending in ctx.pending:
             await pending
