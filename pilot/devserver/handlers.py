@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from pilot.devserver import protocol
 from pilot.devserver.auth import Authenticator, Identity
-from pilot.devserver.dispatcher import AcquireRequest, Dispatcher, PilotUpdate, UpdateResult
+from pilot.devserver.dispatcher import AcquireRequest, Dispatcher, UpdateResult
 from pilot.devserver.protocol import (
     MESSAGE_NO_ROLE,
     MESSAGE_PROD_ROLE,
@@ -35,6 +35,7 @@ from pilot.devserver.protocol import (
     V1Rejected,
 )
 from pilot.devserver.store import JobStore
+from pilot.devserver.updates import PilotUpdate
 
 log = Logger()
 
