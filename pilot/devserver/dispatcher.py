@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from pilot.devserver.adder import decide_adder
 from pilot.devserver.auth import clean_user_id
+from pilot.devserver.columns import DISPATCH_COLUMNS, refused
 from pilot.devserver.jobdef import JobDefinition, JobDefinitionError, normalise_job, render_job
 from pilot.devserver.queues import QueueRegistry
 from pilot.devserver.store import JobRecord, JobSelector, JobStore, UpdateRecord
@@ -70,12 +71,17 @@ class AcquireRequest:
 
 @dataclass(frozen=True)
 class UpdateResult:
-    """What the API layer puts in the reply."""
+    """What the API layer puts in the reply.
+
+    ``database_error``: the database refused the update (a value wider than its column);
+    the server answers ``StatusCode`` 30 and the pilot's update is lost.
+    """
 
     status_code: int
     command: str | None = None
     secrets: str | None = None
     metadata_failed: bool = False
+    database_error: bool = False
 
 
 # -- the dispatcher ------------------------------------------------------------------------------
@@ -139,6 +145,18 @@ class Dispatcher:
         if self._queues.status(request.site) == "test" and label in ("user", "managed", "unified"):
             label = "test"
         selector = self._selector(request, label)
+        refusals = dispatch_refusals(request)
+        for column, reason in refusals.items():
+            log.error(
+                "acquire for {site}: the database refused jobsActive4.{column} ({reason}); "
+                "the dispatch is rolled back and the pilot gets no job",
+                site=request.site,
+                column=column,
+                reason=reason,
+                event="devserver.value_refused",
+            )
+        if refusals:
+            return [], 0
         records, n_sent = await self._store.claim(selector, request.n_jobs, self._clock.seconds())
         for record in records:
             log.info(
@@ -206,6 +224,20 @@ class Dispatcher:
         )
         if outcome.metadata_failed:
             return UpdateResult(status_code=30, metadata_failed=True)
+        for column, reason in outcome.refused.items():
+            # the value itself stays out of the log: it may be a payload's output
+            log.error(
+                "job {pandaid}: the database refused {column} ({reason}); {lost}",
+                pandaid=update.panda_id,
+                column=column,
+                reason=reason,
+                lost="the whole update is rolled back"
+                if outcome.database_error
+                else "the value is not stored",
+                event="devserver.value_refused",
+            )
+        if outcome.database_error:
+            return UpdateResult(status_code=30, database_error=True)
         if outcome.new_status is not None and outcome.new_status != outcome.old_status:
             log.info(
                 "job {pandaid} {old} -> {new} (pilot reported {state})",
@@ -314,6 +346,20 @@ class Dispatcher:
         if found:
             log.info("job {pandaid}: debug mode {mode}", pandaid=panda_id, mode="on" if on else "off")
         return found
+
+
+def dispatch_refusals(request: AcquireRequest) -> dict[str, str]:
+    """The columns ``getJobs`` writes unsliced when it dispatches, that the database would refuse.
+
+    The real server finds out only when it has a job to hand out; either way the pilot
+    is told there is no job.
+    """
+    reasons = {}
+    for name, (column, width) in DISPATCH_COLUMNS.items():
+        reason = refused(getattr(request, name), width)
+        if reason is not None:
+            reasons[column] = reason
+    return reasons
 
 
 # -- submissions -----------------------------------------------------------------------------------

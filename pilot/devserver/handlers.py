@@ -144,6 +144,8 @@ class PilotAPI:
         result = await self._dispatcher.update(update)
         if result.metadata_failed:
             return protocol.legacy_response(SC_SUCCESS)
+        if result.database_error:
+            return protocol.legacy_response(protocol.SC_FAILED)
         data = protocol.legacy_response(SC_SUCCESS)
         data["command"] = result.command if result.command is not None else "NULL"
         if result.secrets:
@@ -284,6 +286,8 @@ def _v1_update_reply(result: UpdateResult) -> dict[str, object]:
     if result.metadata_failed:
         message = "Failed to add meta_data"
         return protocol.v1_response(True, message, {"StatusCode": protocol.SC_FAILED, "ErrorDiag": message})
+    if result.database_error:
+        return protocol.v1_response(True, "Database error", protocol.legacy_response(protocol.SC_FAILED))
     data: dict[str, object] = {"StatusCode": SC_SUCCESS}
     if result.secrets:
         data["pilotSecrets"] = result.secrets

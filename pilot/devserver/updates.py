@@ -5,6 +5,9 @@ matches an update on PandaID (and attemptNr when given) among the jobs it still 
 active; a job that is gone, or a wrong attempt number, gets ``command=tobekilled``; an
 update for a ``failed`` job gets ``alreadydone``; the other special transitions are kept
 as well.  ``finished``/``failed`` are stored as ``holding`` and hand over to the Adder.
+Values wider than their columns are refused the way the database refuses them
+(``columns``): a refused debug tail is lost alone, a refused job column loses the
+whole update.
 
 The functions here run inside the store's transaction: pure, no reactor, no logging.
 """
@@ -16,6 +19,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pilot.devserver.columns import (
+    STDOUT_COLUMN,
+    STDOUT_WIDTH,
+    refused,
+    refused_columns,
+    truncate_string_attrs,
+)
 from pilot.devserver.store import JobRecord
 
 VALID_UPDATE_STATES = ("running", "failed", "finished", "holding", "starting", "transferring")
@@ -46,7 +56,12 @@ class PilotUpdate:
 
 @dataclass(frozen=True)
 class UpdateOutcome:
-    """The decision about one update (a ``store.Decision``)."""
+    """The decision about one update (a ``store.Decision``).
+
+    ``refused`` names the values the database would not store (``"table.column"`` ->
+    reason); ``database_error`` means the job's own row was among them, so the update
+    failed as a whole (the server answers ``StatusCode`` 30).
+    """
 
     changes: Mapping[str, object]
     command: str | None
@@ -54,6 +69,8 @@ class UpdateOutcome:
     old_status: str | None = None
     new_status: str | None = None
     run_adder: bool = False
+    refused: Mapping[str, str] = field(default_factory=dict)
+    database_error: bool = False
 
 
 def pilot_command(job: JobRecord) -> str:
@@ -67,42 +84,55 @@ def pilot_command(job: JobRecord) -> str:
 
 
 def decide_update(job: JobRecord | None, update: PilotUpdate, now: float) -> UpdateOutcome:
-    """``updateJobStatus`` (plus ``addMetadata``) for one update, as a list of column changes."""
-    metadata_changes: dict[str, object] = {}
+    """``updateJobStatus`` (plus ``addMetadata`` and ``addStdOut``) for one update, as column changes.
+
+    ``addMetadata`` and ``addStdOut`` run first, each in its own transaction, so what
+    they store stays whatever ``updateJobStatus`` decides (``side``).
+    """
+    side: dict[str, object] = {}
     if update.metadata != "" and update.state != "failed":
         if job is None:
             return UpdateOutcome({}, None, metadata_failed=True)
         if job.jobStatus not in FINAL_STATES and job.metaData is None:
-            metadata_changes["metaData"] = update.metadata
+            side["metaData"] = update.metadata
+    refusals: dict[str, str] = {}
+    if update.stdout and job is not None and job.jobStatus in ACTIVE_STATES:
+        reason = refused(update.stdout, STDOUT_WIDTH)
+        if reason is None:
+            side["pilotFields"] = {**job.pilotFields, "stdout": update.stdout}
+        else:
+            refusals[STDOUT_COLUMN] = reason
+
+    def unchanged(command: str | None, status: str | None = None) -> UpdateOutcome:
+        return UpdateOutcome(side, command, old_status=status, new_status=status, refused=refusals)
 
     if (
         job is None
         or job.jobStatus not in ACTIVE_STATES
         or (update.attempt_nr is not None and job.attemptNr != update.attempt_nr)
     ):
-        return UpdateOutcome(metadata_changes, "tobekilled")
+        return unchanged("tobekilled")
 
     old = job.jobStatus
     new = "holding" if update.state in ("finished", "failed") else update.state
-    param = dict(update.params)
+    param = truncate_string_attrs(update.params)
     if update.state in ("finished", "failed"):
         param["jobDispatcherErrorDiag"] = None
     elif update.state in ("holding", "transferring"):
         stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
         param["jobDispatcherErrorDiag"] = f"set to {update.state} by the pilot at {stamp}"
     command = pilot_command(job)
-    unchanged = UpdateOutcome(metadata_changes, command, old_status=old, new_status=old)
 
     if old == "failed" and new in ("holding", "transferring", "starting", "running"):
-        return UpdateOutcome(metadata_changes, "alreadydone", old_status=old, new_status=old)
+        return unchanged("alreadydone", old)
     if old == "transferring" and new == "holding" and job.jobDispatcherErrorDiag in (None, ""):
-        return UpdateOutcome(metadata_changes, "alreadydone", old_status=old, new_status=old)
+        return unchanged("alreadydone", old)
     if old == "holding" and new == "holding" and param.get("jobDispatcherErrorDiag") not in (None, ""):
-        return unchanged  # heartbeats of a pilot recovering a holding job are ignored
+        return unchanged(command, old)  # heartbeats of a pilot recovering a holding job are ignored
     if old == "holding" and new == "holding" and job.jobDispatcherErrorDiag in (None, ""):
-        return UpdateOutcome(metadata_changes, "alreadydone", old_status=old, new_status=old)
+        return unchanged("alreadydone", old)
     if old in ("holding", "transferring") and new in ("running", "starting"):
-        return unchanged
+        return unchanged(command, old)
     new_batch = param.get("batchID")
     if (
         job.batchID not in ("", None)
@@ -111,14 +141,22 @@ def decide_update(job: JobRecord | None, update: PilotUpdate, now: float) -> Upd
         and not _numeric(job.batchID)
         and not _numeric(new_batch)
     ):
-        return UpdateOutcome(metadata_changes, "tobekilled", old_status=old, new_status=old)
+        return unchanged("tobekilled", old)
     if old == "running" and new == "starting":
         new = "running"
     if new == "transferring" and old == "holding":
-        return unchanged  # the server's UPDATE excludes holding -> transferring
+        return unchanged(command, old)  # the server's UPDATE excludes holding -> transferring
+    too_long = refused_columns(param)
+    if too_long:  # the UPDATE fails and the transaction is rolled back: nothing of it is stored
+        refusals.update({f"jobsActive4.{column}": reason for column, reason in too_long.items()})
+        return UpdateOutcome(
+            side, None, old_status=old, new_status=old, refused=refusals, database_error=True
+        )
 
-    changes = dict(metadata_changes)
-    changes.update(_param_columns(param, job))
+    changes = dict(side)
+    pilot_fields = side.get("pilotFields", job.pilotFields)
+    assert isinstance(pilot_fields, dict)
+    changes.update(_param_columns(param, pilot_fields))
     changes.update({"jobStatus": new, "modificationTime": now})
     if update.state in ("finished", "failed") or new != old:
         changes["stateChangeTime"] = now
@@ -128,16 +166,13 @@ def decide_update(job: JobRecord | None, update: PilotUpdate, now: float) -> Upd
         changes["startTime"] = now
     if update.state in ("finished", "failed"):
         changes["jobOutputReport"] = update.report
-    if update.stdout:
-        fields = changes["pilotFields"]
-        assert isinstance(fields, dict)
-        fields["stdout"] = update.stdout
     return UpdateOutcome(
         changes,
         command,
         old_status=old,
         new_status=new,
         run_adder=update.state in ("finished", "failed"),
+        refused=refusals,
     )
 
 
@@ -146,9 +181,9 @@ _INT_COLUMNS = ("transExitCode", "pilotErrorCode", "exeErrorCode")
 _TEXT_COLUMNS = ("pilotErrorDiag", "exeErrorDiag", "batchID", "modificationHost", "jobDispatcherErrorDiag")
 
 
-def _param_columns(param: Mapping[str, object], job: JobRecord) -> dict[str, object]:
+def _param_columns(param: Mapping[str, object], pilot_fields: Mapping[str, object]) -> dict[str, object]:
     changes: dict[str, object] = {}
-    fields = dict(job.pilotFields)
+    fields = dict(pilot_fields)
     for key, value in param.items():
         if value is None and key != "jobDispatcherErrorDiag":
             continue
