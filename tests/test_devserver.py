@@ -929,6 +929,26 @@ class ColumnWidthTests(DevServerCase):
         self.assertEqual((await self.pilot_fields(server, panda_id))["stdout"], "z" * 2048)
         self.assertEqual(self.refusals()[-1], ("jobsDebug.stdOut", "4096 bytes > 2048"))
 
+    async def test_pilot_log_too_long_is_lost_alone(self) -> None:
+        """PANDALOG.MESSAGE is 4000 bytes, the server slices 4000 characters: multi-byte text is refused."""
+        server, client, panda_id = await self._sent_job()
+        reply = await self.update(client, server, job_id=panda_id, job_status="running", pilot_log="x" * 5000)
+        self.assertEqual(reply["data"], {"StatusCode": 0, "command": "NULL"})
+        self.assertEqual(self.refusals(), [])
+        reply = await self.update(
+            client, server, job_id=panda_id, job_status="starting", pilot_log="é" * 2001
+        )
+        self.assertEqual(reply["data"], {"StatusCode": 0, "command": "NULL"})
+        legacy = await self.legacy(
+            client, server, "updateJob", {"jobId": panda_id, "state": "running", "pilotLog": "€" * 1334}
+        )
+        self.assertEqual(legacy.text, "StatusCode=0&command=NULL")
+        self.assertEqual(
+            self.refusals(),
+            [("PANDALOG.MESSAGE", "4002 bytes > 4000"), ("PANDALOG.MESSAGE", "4002 bytes > 4000")],
+        )
+        self.assertEqual((await server.job(panda_id))["jobStatus"], "running")
+
     async def test_dispatch_columns(self) -> None:
         """getJobs writes node, computingElement, schedulerID unsliced: too long, and there is no job."""
         server = await self.start()

@@ -66,6 +66,11 @@ SERVER_CUTS: Mapping[str, int] = {
 STDOUT_COLUMN = "jobsDebug.stdOut"
 STDOUT_WIDTH = 2048
 
+#: ``PANDALOG.MESSAGE`` (``VARCHAR2(4000 BYTE)``): ``storePilotLog`` slices the pilot log to 4000
+#: characters and inserts it on its own; a refusal is only logged there, the update goes on.
+PILOT_LOG_COLUMN = "PANDALOG.MESSAGE"
+PILOT_LOG_WIDTH = 4000
+
 #: Columns ``getJobs`` writes when it dispatches a job: request parameter -> (column, width).
 DISPATCH_COLUMNS: Mapping[str, tuple[str, int]] = {
     "node": ("modificationHost", 128),

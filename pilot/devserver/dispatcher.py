@@ -33,7 +33,7 @@ from twisted.logger import Logger
 
 from pilot.devserver.adder import decide_adder
 from pilot.devserver.auth import clean_user_id
-from pilot.devserver.columns import DISPATCH_COLUMNS, refused
+from pilot.devserver.columns import DISPATCH_COLUMNS, PILOT_LOG_COLUMN, PILOT_LOG_WIDTH, refused
 from pilot.devserver.jobdef import JobDefinition, JobDefinitionError, normalise_job, render_job
 from pilot.devserver.queues import QueueRegistry
 from pilot.devserver.store import JobRecord, JobSelector, JobStore, UpdateRecord
@@ -218,24 +218,16 @@ class Dispatcher:
         if update.state not in VALID_UPDATE_STATES:
             await self._store.apply_update(update.panda_id, lambda job: UpdateOutcome({}, None), record)
             return UpdateResult(status_code=50)
+        if update.pilot_log:  # storePilotLog, first and on its own (the dev server keeps no pilot logs)
+            reason = refused(update.pilot_log[:PILOT_LOG_WIDTH], PILOT_LOG_WIDTH)
+            _log_refusals(update.panda_id, {PILOT_LOG_COLUMN: reason} if reason else {}, rolled_back=False)
         now = self._clock.seconds()
         outcome = await self._store.apply_update(
             update.panda_id, lambda job: decide_update(job, update, now), record
         )
         if outcome.metadata_failed:
             return UpdateResult(status_code=30, metadata_failed=True)
-        for column, reason in outcome.refused.items():
-            # the value itself stays out of the log: it may be a payload's output
-            log.error(
-                "job {pandaid}: the database refused {column} ({reason}); {lost}",
-                pandaid=update.panda_id,
-                column=column,
-                reason=reason,
-                lost="the whole update is rolled back"
-                if outcome.database_error
-                else "the value is not stored",
-                event="devserver.value_refused",
-            )
+        _log_refusals(update.panda_id, outcome.refused, rolled_back=outcome.database_error)
         if outcome.database_error:
             return UpdateResult(status_code=30, database_error=True)
         if outcome.new_status is not None and outcome.new_status != outcome.old_status:
@@ -346,6 +338,19 @@ class Dispatcher:
         if found:
             log.info("job {pandaid}: debug mode {mode}", pandaid=panda_id, mode="on" if on else "off")
         return found
+
+
+def _log_refusals(panda_id: int, refusals: Mapping[str, str], *, rolled_back: bool) -> None:
+    """An error per value the database refused (the value itself stays out: it may be a payload's output)."""
+    for column, reason in refusals.items():
+        log.error(
+            "job {pandaid}: the database refused {column} ({reason}); {lost}",
+            pandaid=panda_id,
+            column=column,
+            reason=reason,
+            lost="the whole update is rolled back" if rolled_back else "the value is not stored",
+            event="devserver.value_refused",
+        )
 
 
 def dispatch_refusals(request: AcquireRequest) -> dict[str, str]:

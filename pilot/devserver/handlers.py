@@ -139,6 +139,7 @@ class PilotAPI:
             report=_text(args["xml"]),
             metadata=_text(args["metaData"]),
             stdout=_text(stdout),
+            pilot_log=_text(args["pilotLog"]),
         )
         _unguarded_int(args["timeout"])
         result = await self._dispatcher.update(update)
@@ -244,6 +245,7 @@ class PilotAPI:
             report=_text(args["job_output_report"]),
             metadata=_text(args["meta_data"]),
             stdout=_text(args["stdout"]),
+            pilot_log=_text(args["pilot_log"]),
         )
         result = await self._dispatcher.update(update)
         return _v1_update_reply(result)

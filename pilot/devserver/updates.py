@@ -52,6 +52,7 @@ class PilotUpdate:
     report: str = ""
     metadata: str = ""
     stdout: str = ""
+    pilot_log: str = ""
 
 
 @dataclass(frozen=True)
