@@ -9,6 +9,7 @@ update with oversized values is lost, the same update fitted is stored in full.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from pilot.server.widths import (
     head_chars,
     head_items,
     head_lines,
+    items,
     storable,
     tail_lines,
     utf8_size,
@@ -91,61 +93,59 @@ def starts_at_line(text: str, suffix: str) -> bool:
 class CutTests(SynchronousTestCase):
     """Each way of cutting: it fits, stays valid, is idempotent, and keeps the right part."""
 
-    @given(LONG_TEXT, WIDTH)
-    def test_head_chars(self, text: str, width: int) -> None:
-        result = head_chars(text, width)
+    def cut(self, function: Callable[[str, int], str], text: str, width: int) -> tuple[str, str] | None:
+        """The properties every cut has; (result, storable text) when something was cut, else None."""
+        result = function(text, width)
         assert_storable(self, result, width)
-        self.assertEqual(head_chars(result, width), result)
+        self.assertEqual(function(result, width), result)  # idempotent
         clean = storable(text)
         if utf8_size(clean) <= width:
-            self.assertEqual(result, clean)
-        else:
-            kept = result.removesuffix("...") if width > 3 else result
-            self.assertTrue(clean.startswith(kept))
-            self.assertGreater(utf8_size(kept), width - 3 - 4)  # at most one character short of the room
+            self.assertEqual(result, clean)  # what fits is left alone
+            return None
+        return result, clean
+
+    @given(LONG_TEXT, WIDTH)
+    def test_head_chars(self, text: str, width: int) -> None:
+        if (cut := self.cut(head_chars, text, width)) is None:
+            return
+        result, clean = cut
+        kept = result.removesuffix("...") if width > 3 else result
+        self.assertTrue(clean.startswith(kept))
+        self.assertGreater(utf8_size(kept), width - 3 - 4)  # at most one character short of the room
 
     @given(LONG_TEXT, WIDTH, st.sampled_from([" ", "|"]))
     def test_head_items(self, text: str, width: int, separator: str) -> None:
-        result = head_items(text, width, separator)
-        assert_storable(self, result, width)
-        self.assertEqual(head_items(result, width, separator), result)
-        clean = storable(text)
-        if utf8_size(clean) <= width:
-            self.assertEqual(result, clean)
-        elif result:
-            # whole items only: a prefix that ends right before a separator, none left dangling
+        if (cut := self.cut(items(separator), text, width)) is None:
+            return
+        result, clean = cut
+        if result:  # whole items only: a prefix that ends right before a separator, none left dangling
             self.assertTrue(clean.startswith(result))
             self.assertEqual(clean[len(result)], separator)
             self.assertFalse(result.endswith(separator))
 
     @given(LONG_TEXT, WIDTH)
     def test_tail_lines(self, text: str, width: int) -> None:
-        result = tail_lines(text, width)
-        assert_storable(self, result, width)
-        self.assertEqual(tail_lines(result, width), result)
-        clean = storable(text)
-        if utf8_size(clean) <= width:
-            self.assertEqual(result, clean)
+        if (cut := self.cut(tail_lines, text, width)) is None:
             return
-        note, newline, body = result.partition("\n")
-        if not newline:  # too narrow for the note: the end of the text alone
+        result, clean = cut
+        room = width - len(cut_note(utf8_size(clean))) - 1  # beside the longest note there could be
+        if room <= 0:  # too narrow for any note: the end of the text alone
             self.assertTrue(clean.endswith(result))
             return
+        note, _, body = result.partition("\n")
         self.assertTrue(clean.endswith(body))  # the newest part is kept
         self.assertEqual(note, cut_note(utf8_size(clean) - utf8_size(body)))  # says how much went
-        last_line = clean.rstrip("\n").rpartition("\n")[2] + "\n" * (len(clean) - len(clean.rstrip("\n")))
-        if utf8_size(last_line) <= width - len(note) - 1 and "\n" in clean[:-1]:
+        # whole lines whenever the last line fits
+        trailing = len(clean) - len(clean.rstrip("\n"))
+        last_line = clean.rstrip("\n").rpartition("\n")[2] + "\n" * trailing
+        if utf8_size(last_line) <= room and "\n" in clean[:-1]:
             self.assertTrue(starts_at_line(clean, body), (clean, body))
 
     @given(LONG_TEXT, WIDTH)
     def test_head_lines(self, text: str, width: int) -> None:
-        result = head_lines(text, width)
-        assert_storable(self, result, width)
-        self.assertEqual(head_lines(result, width), result)
-        clean = storable(text)
-        if utf8_size(clean) <= width:
-            self.assertEqual(result, clean)
+        if (cut := self.cut(head_lines, text, width)) is None:
             return
+        result, clean = cut
         kept, newline, note = result.rpartition("\n")
         if newline and note == cut_note(utf8_size(clean) - utf8_size(kept + newline)):
             self.assertTrue(clean.startswith(kept + newline))  # whole first lines, then the note
