@@ -25,7 +25,9 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReacto
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import deferLater
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -773,6 +775,206 @@ class UpdateLogicTests(DevServerCase):
 
 
 # -- authentication --------------------------------------------------------------------------------
+
+
+class ColumnWidthTests(DevServerCase):
+    """Values wider than their column, treated as the real server's database treats them.
+
+    Widths are bytes of UTF-8 (Oracle ``VARCHAR2(n BYTE)``); the server's own slicing is
+    in characters.  Three classes: columns the server slices itself (stored cut), columns
+    it writes unsliced (the whole update is rolled back: StatusCode 30), and the debug
+    tail (``jobsDebug.stdOut``: lost alone, the update goes on).
+    """
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def refusals(self) -> list[tuple[str, str]]:
+        return [
+            (str(event["column"]), str(event["reason"]))
+            for event in self.events
+            if event.get("event") == "devserver.value_refused"
+        ]
+
+    async def pilot_fields(self, server: DevServer, panda_id: int) -> dict[str, Any]:
+        fields = (await server.job(panda_id))["pilotFields"]
+        assert isinstance(fields, dict)
+        return fields
+
+    async def _sent_job(self) -> tuple[DevServer, HTTPClient, int]:
+        server = await self.start()
+        [panda_id] = await server.submit(sample_job())
+        client = self.client(server)
+        await self.acquire(client, server)
+        return server, client, panda_id
+
+    async def test_columns_the_server_slices(self) -> None:
+        """pilotErrorDiag [:500] in the API, jobSubStatus [:80] in updateJobStatus: stored cut, StatusCode 0."""
+        server, client, panda_id = await self._sent_job()
+        reply = await self.update(
+            client, server, job_id=panda_id, job_status="running",
+            pilot_error_diag="d" * 600, job_sub_status="s" * 100,
+        )  # fmt: skip
+        self.assertEqual(reply["data"], {"StatusCode": 0, "command": "NULL"})
+        view = await server.job(panda_id)
+        self.assertEqual((view["jobStatus"], view["pilotErrorDiag"]), ("running", "d" * 500))
+        self.assertEqual((await self.pilot_fields(server, panda_id))["jobSubStatus"], "s" * 80)
+        legacy = await self.legacy(
+            client, server, "updateJob",
+            {"jobId": panda_id, "state": "running", "jobSubStatus": "t" * 90, "exeErrorDiag": "e" * 501},
+        )  # fmt: skip
+        self.assertEqual(legacy.text, "StatusCode=0&command=NULL")
+        self.assertEqual((await self.pilot_fields(server, panda_id))["jobSubStatus"], "t" * 80)
+        self.assertEqual((await server.job(panda_id))["exeErrorDiag"], "e" * 500)
+        self.assertEqual(self.refusals(), [])
+
+    async def test_sliced_to_characters_is_still_too_many_bytes(self) -> None:
+        """500 characters of "é" are 1000 bytes: the UPDATE fails after the server's own [:500]."""
+        server, client, panda_id = await self._sent_job()
+        reply = await self.v1(
+            client, server, "pilot/update_job",
+            {"job_id": panda_id, "job_status": "running", "pilot_error_diag": "é" * 600},
+        )  # fmt: skip
+        self.assertEqual(
+            reply.body, b'{"success": true, "message": "Database error", "data": {"StatusCode": 30}}'
+        )
+        view = await server.job(panda_id)
+        self.assertEqual((view["jobStatus"], view["pilotErrorDiag"]), ("sent", None))
+        self.assertEqual(self.refusals(), [("jobsActive4.pilotErrorDiag", "1000 bytes > 500")])
+        legacy = await self.legacy(
+            client, server, "updateJob", {"jobId": panda_id, "state": "running", "pilotErrorDiag": "é" * 500}
+        )
+        self.assertEqual(legacy.text, "StatusCode=30")
+        legacy = await self.legacy(
+            client, server, "updateJob",
+            {"jobId": panda_id, "state": "running", "pilotErrorDiag": "é" * 250}, as_json=True,
+        )  # fmt: skip
+        self.assertEqual(legacy.body, b'{"StatusCode": 0, "command": "NULL"}')
+        self.assertEqual((await server.job(panda_id))["pilotErrorDiag"], "é" * 250)
+
+    async def test_unsliced_columns_lose_the_whole_update(self) -> None:
+        """pilotTiming (100), schedulerID and cpuConsumptionUnit (128) are not sliced: a final update is lost."""
+        server, client, panda_id = await self._sent_job()
+        job = (await server.job(panda_id))["job"]
+        assert isinstance(job, dict)
+        final = {
+            "job_id": panda_id,
+            "job_status": "finished",
+            "job_output_report": good_report(job),
+            "pilot_error_diag": "fine",
+        }
+        for name, width in (("pilot_timing", 100), ("scheduler_id", 128), ("cpu_consumption_unit", 128)):
+            reply = await self.update(client, server, **final, **{name: "1|" * (width // 2) + "x"})
+            self.assertEqual((reply["message"], reply["data"]), ("Database error", {"StatusCode": 30}))
+        view = await server.job(panda_id)
+        self.assertEqual(
+            (view["jobStatus"], view["jobOutputReport"], view["pilotErrorDiag"]), ("sent", None, None)
+        )
+        self.assertEqual(
+            [column for column, _ in self.refusals()],
+            ["jobsActive4.pilotTiming", "jobsActive4.schedulerID", "jobsActive4.cpuConsumptionUnit"],
+        )
+        updates = view["updates"]
+        assert isinstance(updates, list)
+        self.assertEqual([u["command"] for u in updates], [None, None, None])  # received, not stored
+        legacy = await self.legacy(
+            client, server, "updateJob", {"jobId": panda_id, "state": "running", "pilotTiming": "9" * 101}
+        )
+        self.assertEqual(legacy.text, "StatusCode=30")
+        # exactly the width is fine, and the Adder then sees the report
+        reply = await self.update(client, server, **final, pilot_timing="1" * 100)
+        self.assertEqual(reply["data"], {"StatusCode": 0, "command": "NULL"})
+        self.assertEqual((await server.job(panda_id))["jobStatus"], "finished")
+
+    async def test_nul_and_lone_surrogates_are_refused(self) -> None:
+        """PostgreSQL refuses NUL, no driver encodes a lone surrogate: both lose the update."""
+        server, client, panda_id = await self._sent_job()
+        for diag in ("a\0b", "a\ud800b"):
+            reply = await self.update(
+                client, server, job_id=panda_id, job_status="running", exe_error_diag=diag
+            )
+            self.assertEqual(reply["data"], {"StatusCode": 30})
+        self.assertEqual(
+            self.refusals(),
+            [
+                ("jobsActive4.exeErrorDiag", "contains NUL"),
+                ("jobsActive4.exeErrorDiag", "not valid Unicode (a lone surrogate)"),
+            ],
+        )
+        self.assertEqual((await server.job(panda_id))["jobStatus"], "sent")
+
+    async def test_debug_tail_too_long_is_lost_alone(self) -> None:
+        """jobsDebug.stdOut is 2048 bytes, written on its own: a longer tail is dropped, the update goes on."""
+        server, client, panda_id = await self._sent_job()
+        reply = await self.update(client, server, job_id=panda_id, job_status="running", stdout="x" * 2048)
+        self.assertEqual(reply["data"], {"StatusCode": 0, "command": "NULL"})
+        reply = await self.update(
+            client, server, job_id=panda_id, job_status="running", stdout="y" * 2049, pilot_timing="1|2"
+        )
+        self.assertEqual(reply["data"], {"StatusCode": 0, "command": "NULL"})
+        fields = await self.pilot_fields(server, panda_id)
+        self.assertEqual(fields["stdout"], "x" * 2048)  # the earlier tail stays
+        self.assertEqual(fields["pilotTiming"], "1|2")  # the rest of the update is stored
+        self.assertEqual(self.refusals(), [("jobsDebug.stdOut", "2049 bytes > 2048")])
+        # legacy (0.8.1) slices the tail to 2048 characters first: ASCII fits, "é" does not
+        legacy = await self.legacy(
+            client, server, "updateJob", {"jobId": panda_id, "state": "running", "stdout": "z" * 3000}
+        )
+        self.assertEqual(legacy.text, "StatusCode=0&command=NULL")
+        self.assertEqual((await self.pilot_fields(server, panda_id))["stdout"], "z" * 2048)
+        legacy = await self.legacy(
+            client, server, "updateJob", {"jobId": panda_id, "state": "running", "stdout": "é" * 3000}
+        )
+        self.assertEqual(legacy.text, "StatusCode=0&command=NULL")
+        self.assertEqual((await self.pilot_fields(server, panda_id))["stdout"], "z" * 2048)
+        self.assertEqual(self.refusals()[-1], ("jobsDebug.stdOut", "4096 bytes > 2048"))
+
+    async def test_pilot_log_too_long_is_lost_alone(self) -> None:
+        """PANDALOG.MESSAGE is 4000 bytes, the server slices 4000 characters: multi-byte text is refused."""
+        server, client, panda_id = await self._sent_job()
+        reply = await self.update(client, server, job_id=panda_id, job_status="running", pilot_log="x" * 5000)
+        self.assertEqual(reply["data"], {"StatusCode": 0, "command": "NULL"})
+        self.assertEqual(self.refusals(), [])
+        reply = await self.update(
+            client, server, job_id=panda_id, job_status="starting", pilot_log="é" * 2001
+        )
+        self.assertEqual(reply["data"], {"StatusCode": 0, "command": "NULL"})
+        legacy = await self.legacy(
+            client, server, "updateJob", {"jobId": panda_id, "state": "running", "pilotLog": "€" * 1334}
+        )
+        self.assertEqual(legacy.text, "StatusCode=0&command=NULL")
+        self.assertEqual(
+            self.refusals(),
+            [("PANDALOG.MESSAGE", "4002 bytes > 4000"), ("PANDALOG.MESSAGE", "4002 bytes > 4000")],
+        )
+        self.assertEqual((await server.job(panda_id))["jobStatus"], "running")
+
+    async def test_dispatch_columns(self) -> None:
+        """getJobs writes node, computingElement, schedulerID unsliced: too long, and there is no job."""
+        server = await self.start()
+        [panda_id] = await server.submit(sample_job())
+        client = self.client(server)
+        reply = await self.v1(
+            client, server, "pilot/acquire_jobs", {"site_name": QUEUE, "computing_element": "c" * 129}
+        )
+        self.assertEqual(reply.body, b'{"success": false, "message": "No jobs in PanDA", "data": null}')
+        reply = await self.legacy(client, server, "getJob", {"siteName": QUEUE, "node": "n" * 129})
+        self.assertEqual(reply.text, "StatusCode=20")
+        reply = await self.legacy(client, server, "getJob", {"siteName": QUEUE, "schedulerID": "é" * 65})
+        self.assertEqual(reply.text, "StatusCode=20")
+        self.assertEqual((await server.job(panda_id))["jobStatus"], "activated")
+        self.assertEqual(
+            self.refusals(),
+            [
+                ("computingElement", "129 bytes > 128"),
+                ("modificationHost", "129 bytes > 128"),
+                ("schedulerID", "130 bytes > 128"),
+            ],
+        )
+        job = await self.acquire(client, server, computing_element="c" * 128, node="n" * 128)
+        self.assertEqual(job["PandaID"], panda_id)
+        view = await server.job(panda_id)
+        self.assertEqual((view["computingElement"], view["modificationHost"]), ("c" * 128, "n" * 128))
 
 
 class AuthTests(DevServerCase):

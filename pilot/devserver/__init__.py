@@ -7,7 +7,10 @@ pilot APIs (legacy ``/server/panda`` and ``/api/v1``) the way the real server do
 strictness included, over HTTPS with a generated grid-style PKI.
 
 Modules: ``pki`` (test CA, host/user certificates, RFC 3820 proxy), ``protocol``
-(wire formats), ``auth`` (TLS and identities), ``jobdef`` (job definitions),
-``store`` (SQLite), ``dispatcher`` (job logic), ``handlers`` (the API methods),
-``queues`` (queuedata), ``web`` (HTTP), ``server`` (start/stop), ``tap`` (twistd).
+(wire formats), ``signatures`` (method signatures and parameter checks), ``auth``
+(TLS and identities), ``jobdef`` (job definitions), ``store`` (SQLite), ``dispatcher``
+(job logic), ``updates`` (``updateJobStatus`` decisions), ``columns`` (column
+widths and how the database refuses a wider value), ``adder`` (the Adder daemon),
+``handlers`` (the API methods), ``queues`` (queuedata), ``web`` (HTTP), ``server``
+(start/stop), ``tap`` (twistd).
 """

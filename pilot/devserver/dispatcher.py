@@ -12,10 +12,11 @@ development server can:
   the other special transitions of ``updateJobStatus`` are kept as well;
 * ``finished``/``failed`` are stored as ``holding`` with the job output report,
   then an in-process stand-in for the Adder daemon parses the report and sets the
-  final state.  A finished job whose report does not cover every output and the
-  log file (whose GUID must be the ``logGUID`` handed out) becomes ``failed``.
+  final state.
 
-The decision functions are pure and run inside the store's transaction.
+The decisions themselves are pure functions (``updates`` for ``updateJobStatus``,
+``adder`` for the Adder) that run inside the store's transaction; this module feeds
+them and logs what they decided.
 """
 
 from __future__ import annotations
@@ -25,28 +26,21 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from pilot.devserver.adder import decide_adder
 from pilot.devserver.auth import clean_user_id
-from pilot.devserver.jobdef import JobDefinition, JobDefinitionError, normalise_job, render_job, split_list
+from pilot.devserver.columns import DISPATCH_COLUMNS, PILOT_LOG_COLUMN, PILOT_LOG_WIDTH, refused
+from pilot.devserver.jobdef import JobDefinition, JobDefinitionError, normalise_job, render_job
 from pilot.devserver.queues import QueueRegistry
 from pilot.devserver.store import JobRecord, JobSelector, JobStore, UpdateRecord
+from pilot.devserver.updates import VALID_UPDATE_STATES, PilotUpdate, UpdateOutcome, decide_update
 
 log = Logger()
 
-VALID_UPDATE_STATES = ("running", "failed", "finished", "holding", "starting", "transferring")
-#: States of jobs still in the server's active table (``failed`` included so that late updates
-#: for a failed job get ``alreadydone``).
-ACTIVE_STATES = ("activated", "sent", "starting", "running", "holding", "transferring", "failed")
-FINAL_STATES = ("finished", "failed", "cancelled", "closed")
-
-#: ``dataservice/ErrorCode.py``
-EC_ADDER = 200
-EC_INCONSISTENT_GUID = 205
-REPORT_ERROR_DIAG = "Could not get GUID/LFN/MD5/FSIZE/SURL from pilot JSON"
 #: What ``TaskBuffer.updateJobStatus`` finds as pilot secrets in debug mode on the reference server.
 PILOT_SECRETS = "{}"
 
@@ -76,50 +70,18 @@ class AcquireRequest:
 
 
 @dataclass(frozen=True)
-class PilotUpdate:
-    """An updateJob/update_job call.
-
-    ``raw`` is what the pilot sent (recorded in the updates table); ``params`` is the
-    server's canonical ``param`` map built from it (stored on the job).
-    """
-
-    panda_id: int
-    state: str
-    api: str
-    raw: Mapping[str, object]
-    params: Mapping[str, object] = field(default_factory=dict)
-    attempt_nr: int | None = None
-    report: str = ""
-    metadata: str = ""
-    stdout: str = ""
-
-
-@dataclass(frozen=True)
-class UpdateOutcome:
-    """The decision about one update (a ``store.Decision``)."""
-
-    changes: Mapping[str, object]
-    command: str | None
-    metadata_failed: bool = False
-    old_status: str | None = None
-    new_status: str | None = None
-    run_adder: bool = False
-
-
-@dataclass(frozen=True)
 class UpdateResult:
-    """What the API layer puts in the reply."""
+    """What the API layer puts in the reply.
+
+    ``database_error``: the database refused the update (a value wider than its column);
+    the server answers ``StatusCode`` 30 and the pilot's update is lost.
+    """
 
     status_code: int
     command: str | None = None
     secrets: str | None = None
     metadata_failed: bool = False
-
-
-@dataclass(frozen=True)
-class AdderOutcome:
-    status: str | None
-    diag: str | None = None
+    database_error: bool = False
 
 
 # -- the dispatcher ------------------------------------------------------------------------------
@@ -183,6 +145,18 @@ class Dispatcher:
         if self._queues.status(request.site) == "test" and label in ("user", "managed", "unified"):
             label = "test"
         selector = self._selector(request, label)
+        refusals = dispatch_refusals(request)
+        for column, reason in refusals.items():
+            log.error(
+                "acquire for {site}: the database refused jobsActive4.{column} ({reason}); "
+                "the dispatch is rolled back and the pilot gets no job",
+                site=request.site,
+                column=column,
+                reason=reason,
+                event="devserver.value_refused",
+            )
+        if refusals:
+            return [], 0
         records, n_sent = await self._store.claim(selector, request.n_jobs, self._clock.seconds())
         for record in records:
             log.info(
@@ -244,12 +218,18 @@ class Dispatcher:
         if update.state not in VALID_UPDATE_STATES:
             await self._store.apply_update(update.panda_id, lambda job: UpdateOutcome({}, None), record)
             return UpdateResult(status_code=50)
+        if update.pilot_log:  # storePilotLog, first and on its own (the dev server keeps no pilot logs)
+            reason = refused(update.pilot_log[:PILOT_LOG_WIDTH], PILOT_LOG_WIDTH)
+            _log_refusals(update.panda_id, {PILOT_LOG_COLUMN: reason} if reason else {}, rolled_back=False)
         now = self._clock.seconds()
         outcome = await self._store.apply_update(
             update.panda_id, lambda job: decide_update(job, update, now), record
         )
         if outcome.metadata_failed:
             return UpdateResult(status_code=30, metadata_failed=True)
+        _log_refusals(update.panda_id, outcome.refused, rolled_back=outcome.database_error)
+        if outcome.database_error:
+            return UpdateResult(status_code=30, database_error=True)
         if outcome.new_status is not None and outcome.new_status != outcome.old_status:
             log.info(
                 "job {pandaid} {old} -> {new} (pilot reported {state})",
@@ -360,6 +340,33 @@ class Dispatcher:
         return found
 
 
+def _log_refusals(panda_id: int, refusals: Mapping[str, str], *, rolled_back: bool) -> None:
+    """An error per value the database refused (the value itself stays out: it may be a payload's output)."""
+    for column, reason in refusals.items():
+        log.error(
+            "job {pandaid}: the database refused {column} ({reason}); {lost}",
+            pandaid=panda_id,
+            column=column,
+            reason=reason,
+            lost="the whole update is rolled back" if rolled_back else "the value is not stored",
+            event="devserver.value_refused",
+        )
+
+
+def dispatch_refusals(request: AcquireRequest) -> dict[str, str]:
+    """The columns ``getJobs`` writes unsliced when it dispatches, that the database would refuse.
+
+    The real server finds out only when it has a job to hand out; either way the pilot
+    is told there is no job.
+    """
+    reasons = {}
+    for name, (column, width) in DISPATCH_COLUMNS.items():
+        reason = refused(getattr(request, name), width)
+        if reason is not None:
+            reasons[column] = reason
+    return reasons
+
+
 # -- submissions -----------------------------------------------------------------------------------
 
 
@@ -382,204 +389,6 @@ def split_submission(submission: object) -> list[tuple[int | None, Mapping[str, 
 
 def _with_panda_id(definition: JobDefinition, panda_id: int) -> JobDefinition:
     return replace(definition, panda_id=panda_id)
-
-
-# -- decisions (run in the database thread: pure, no reactor, no logging) ---------------------------
-
-
-def pilot_command(job: JobRecord) -> str:
-    """The ``command`` for an update reply: ``debug`` first, then ``commandToPilot``, or ``NULL``."""
-    parts = []
-    if job.debug:
-        parts.append("debug")
-    if job.commandToPilot not in (None, ""):
-        parts.append(str(job.commandToPilot))
-    return ",".join(parts) or "NULL"
-
-
-def decide_update(job: JobRecord | None, update: PilotUpdate, now: float) -> UpdateOutcome:
-    """``updateJobStatus`` (plus ``addMetadata``) for one update, as a list of column changes."""
-    metadata_changes: dict[str, object] = {}
-    if update.metadata != "" and update.state != "failed":
-        if job is None:
-            return UpdateOutcome({}, None, metadata_failed=True)
-        if job.jobStatus not in FINAL_STATES and job.metaData is None:
-            metadata_changes["metaData"] = update.metadata
-
-    if (
-        job is None
-        or job.jobStatus not in ACTIVE_STATES
-        or (update.attempt_nr is not None and job.attemptNr != update.attempt_nr)
-    ):
-        return UpdateOutcome(metadata_changes, "tobekilled")
-
-    old = job.jobStatus
-    new = "holding" if update.state in ("finished", "failed") else update.state
-    param = dict(update.params)
-    if update.state in ("finished", "failed"):
-        param["jobDispatcherErrorDiag"] = None
-    elif update.state in ("holding", "transferring"):
-        stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        param["jobDispatcherErrorDiag"] = f"set to {update.state} by the pilot at {stamp}"
-    command = pilot_command(job)
-    unchanged = UpdateOutcome(metadata_changes, command, old_status=old, new_status=old)
-
-    if old == "failed" and new in ("holding", "transferring", "starting", "running"):
-        return UpdateOutcome(metadata_changes, "alreadydone", old_status=old, new_status=old)
-    if old == "transferring" and new == "holding" and job.jobDispatcherErrorDiag in (None, ""):
-        return UpdateOutcome(metadata_changes, "alreadydone", old_status=old, new_status=old)
-    if old == "holding" and new == "holding" and param.get("jobDispatcherErrorDiag") not in (None, ""):
-        return unchanged  # heartbeats of a pilot recovering a holding job are ignored
-    if old == "holding" and new == "holding" and job.jobDispatcherErrorDiag in (None, ""):
-        return UpdateOutcome(metadata_changes, "alreadydone", old_status=old, new_status=old)
-    if old in ("holding", "transferring") and new in ("running", "starting"):
-        return unchanged
-    new_batch = param.get("batchID")
-    if (
-        job.batchID not in ("", None)
-        and new_batch not in ("", None)
-        and job.batchID != new_batch
-        and not _numeric(job.batchID)
-        and not _numeric(new_batch)
-    ):
-        return UpdateOutcome(metadata_changes, "tobekilled", old_status=old, new_status=old)
-    if old == "running" and new == "starting":
-        new = "running"
-    if new == "transferring" and old == "holding":
-        return unchanged  # the server's UPDATE excludes holding -> transferring
-
-    changes = dict(metadata_changes)
-    changes.update(_param_columns(param, job))
-    changes.update({"jobStatus": new, "modificationTime": now})
-    if update.state in ("finished", "failed") or new != old:
-        changes["stateChangeTime"] = now
-    if (new == "holding" or (new == "transferring" and old == "running")) and job.endTime is None:
-        changes.setdefault("endTime", now)
-    if old in ("sent", "starting") and new == "running" and "startTime" not in param:
-        changes["startTime"] = now
-    if update.state in ("finished", "failed"):
-        changes["jobOutputReport"] = update.report
-    if update.stdout:
-        fields = changes["pilotFields"]
-        assert isinstance(fields, dict)
-        fields["stdout"] = update.stdout
-    return UpdateOutcome(
-        changes,
-        command,
-        old_status=old,
-        new_status=new,
-        run_adder=update.state in ("finished", "failed"),
-    )
-
-
-#: Canonical update parameters stored in their own columns (the rest go to ``pilotFields``).
-_INT_COLUMNS = ("transExitCode", "pilotErrorCode", "exeErrorCode")
-_TEXT_COLUMNS = ("pilotErrorDiag", "exeErrorDiag", "batchID", "modificationHost", "jobDispatcherErrorDiag")
-
-
-def _param_columns(param: Mapping[str, object], job: JobRecord) -> dict[str, object]:
-    changes: dict[str, object] = {}
-    fields = dict(job.pilotFields)
-    for key, value in param.items():
-        if value is None and key != "jobDispatcherErrorDiag":
-            continue
-        if key in _INT_COLUMNS:
-            changes[key] = _as_int(value)
-        elif key in _TEXT_COLUMNS:
-            changes[key] = None if value is None else str(value)
-        elif key in ("startTime", "endTime") and isinstance(value, datetime.datetime):
-            changes[key] = value.replace(tzinfo=datetime.UTC).timestamp()
-        if key not in ("jobDispatcherErrorDiag",):
-            fields[key] = value.isoformat(" ") if isinstance(value, datetime.datetime) else value
-    changes["pilotFields"] = fields
-    return changes
-
-
-def _as_int(value: object) -> int | None:
-    """Error codes as the database stores them (a leading '-' of a pilot error code is dropped)."""
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        return None
-    return abs(number)
-
-
-def _numeric(value: object) -> bool:
-    return re.search(r"^\d+\.*\d+$", str(value)) is not None
-
-
-def decide_adder(
-    job: JobRecord | None, reported: str, now: float
-) -> tuple[Mapping[str, object], AdderOutcome]:
-    """The Adder daemon for one job: parse the job output report and set the final state."""
-    if job is None or job.jobStatus != "holding":
-        return {}, AdderOutcome(None)
-    wire = job.definition
-    outputs = split_list(wire.get("outFiles"))
-    log_file = str(wire.get("logFile"))
-    inputs = set(split_list(wire.get("inFiles")))
-    allowed_missing = set(split_list(wire.get("allowNoOutput")))
-    status = reported
-    changes: dict[str, object] = {}
-    diag: str | None = None
-    try:
-        entries = parse_job_output_report(job.jobOutputReport, inputs)
-    except ReportError as exc:
-        status = "failed"
-        diag = str(exc)
-        if job.pilotErrorCode in (0, None) and job.transExitCode in (0, None):
-            changes.update({"ddmErrorCode": EC_ADDER, "ddmErrorDiag": REPORT_ERROR_DIAG})
-    else:
-        known = inputs | set(outputs)
-        unknown = [lfn for lfn in entries if lfn not in known]
-        if status == "finished":
-            for lfn in outputs:
-                if lfn not in entries and lfn not in allowed_missing:
-                    status, diag = "failed", f"expected output {lfn} is missing in pilot JSON"
-                    changes.update({"ddmErrorCode": EC_ADDER, "ddmErrorDiag": diag})
-                    break
-        if status == "finished" and log_file in entries and entries[log_file] != wire.get("logGUID"):
-            status = "failed"
-            diag = f"GUID {entries[log_file]} of log file {log_file} is not the logGUID {wire.get('logGUID')} of the job"
-            changes.update({"ddmErrorCode": EC_INCONSISTENT_GUID, "ddmErrorDiag": diag})
-        if unknown:
-            status, diag = "failed", f"pilot produced {unknown[0]} inconsistently with jobdef"
-            changes.update({"ddmErrorCode": EC_ADDER, "ddmErrorDiag": diag})
-    changes.update({"jobStatus": status, "adderDiag": diag, "modificationTime": now, "stateChangeTime": now})
-    if status == "finished":
-        changes["jobDispatcherErrorDiag"] = None
-    return changes, AdderOutcome(status, diag)
-
-
-class ReportError(ValueError):
-    """The job output report cannot be used (the Adder's "Issue with parsing Job Output Report")."""
-
-
-def parse_job_output_report(report: str | None, inputs: set[str]) -> dict[str, str]:
-    """LFN -> GUID of a job output report, with the checks of ``parse_job_output_report``."""
-    if not report:
-        raise ReportError("Job Output Report is empty")
-    try:
-        document = json.loads(report)
-        if not isinstance(document, dict):
-            raise TypeError(f"expected a JSON object, got {type(document).__name__}")
-        guids: dict[str, str] = {}
-        for lfn, entry in document.items():
-            if not isinstance(entry, dict):
-                raise TypeError(f"entry for {lfn} is not an object")
-            guid = str(entry["guid"])
-            fsize = int(entry["fsize"]) if "fsize" in entry else None
-            md5sum = str(entry["md5sum"]) if "md5sum" in entry else None
-            if md5sum is not None and re.search("^[a-fA-F0-9]{32}$", md5sum) is None:
-                md5sum = None
-            adler32 = str(entry["adler32"]) if "adler32" in entry else None
-            if lfn not in inputs and (fsize is None or (md5sum is None and adler32 is None)):
-                raise ValueError(f"fsize/md5sum/adler32/surl=None for {lfn}")
-            guids[str(lfn)] = guid
-    except (ValueError, TypeError, KeyError) as exc:
-        detail = f"{type(exc).__name__} {exc}"
-        raise ReportError(f"Issue with parsing Job Output Report: {detail}") from None
-    return guids
 
 
 # -- views ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from pilot.devserver import protocol
 from pilot.devserver.auth import Authenticator, Identity
-from pilot.devserver.dispatcher import AcquireRequest, Dispatcher, PilotUpdate, UpdateResult
+from pilot.devserver.dispatcher import AcquireRequest, Dispatcher, UpdateResult
 from pilot.devserver.protocol import (
     MESSAGE_NO_ROLE,
     MESSAGE_PROD_ROLE,
@@ -35,6 +35,7 @@ from pilot.devserver.protocol import (
     V1Rejected,
 )
 from pilot.devserver.store import JobStore
+from pilot.devserver.updates import PilotUpdate
 
 log = Logger()
 
@@ -138,11 +139,14 @@ class PilotAPI:
             report=_text(args["xml"]),
             metadata=_text(args["metaData"]),
             stdout=_text(stdout),
+            pilot_log=_text(args["pilotLog"]),
         )
         _unguarded_int(args["timeout"])
         result = await self._dispatcher.update(update)
         if result.metadata_failed:
             return protocol.legacy_response(SC_SUCCESS)
+        if result.database_error:
+            return protocol.legacy_response(protocol.SC_FAILED)
         data = protocol.legacy_response(SC_SUCCESS)
         data["command"] = result.command if result.command is not None else "NULL"
         if result.secrets:
@@ -241,6 +245,7 @@ class PilotAPI:
             report=_text(args["job_output_report"]),
             metadata=_text(args["meta_data"]),
             stdout=_text(args["stdout"]),
+            pilot_log=_text(args["pilot_log"]),
         )
         result = await self._dispatcher.update(update)
         return _v1_update_reply(result)
@@ -283,6 +288,8 @@ def _v1_update_reply(result: UpdateResult) -> dict[str, object]:
     if result.metadata_failed:
         message = "Failed to add meta_data"
         return protocol.v1_response(True, message, {"StatusCode": protocol.SC_FAILED, "ErrorDiag": message})
+    if result.database_error:
+        return protocol.v1_response(True, "Database error", protocol.legacy_response(protocol.SC_FAILED))
     data: dict[str, object] = {"StatusCode": SC_SUCCESS}
     if result.secrets:
         data["pilotSecrets"] = result.secrets
