@@ -52,6 +52,7 @@ from pilot.monitor.sampler import TreeSampler
 from pilot.monitor.scan import WorkdirScan, WorkdirScanner
 from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
+from pilot.server.widths import UPDATE_FITS, tail_lines, utf8_size
 from pilot.util.threads import ThreadRunner
 
 Abort = Callable[[ErrorCode, str], None]
@@ -375,6 +376,10 @@ def monitor_update_fields(fields: Mapping[str, int]) -> dict[str, Any]:
     return {_UPDATE_ATTRIBUTES[k]: v for k, v in fields.items() if k in _UPDATE_ATTRIBUTES}
 
 
+#: The server's column for the debug tail (``jobsDebug.stdOut``), in bytes.
+DEBUG_TAIL_WIDTH = UPDATE_FITS["stdout"].width
+
+
 def newest_file_tail(workdir: Path, limit: int, scan: WorkdirScan | None = None) -> str:
     """Last ``limit`` bytes of the newest payload file (payload.stdout if none), redacted."""
     scan = scan or WorkdirScanner(workdir).scan()
@@ -390,4 +395,6 @@ def newest_file_tail(workdir: Path, limit: int, scan: WorkdirScan | None = None)
     text = data.decode("utf-8", errors="replace")
     if size > limit:
         text = text.split("\n", 1)[-1]  # start at a line boundary
-    return f"==> {name} <==\n" + redact(text)
+    header = f"==> {name} <==\n"
+    # the server keeps at most its column's width: the newest lines, after the header
+    return header + tail_lines(redact(text), DEBUG_TAIL_WIDTH - utf8_size(header))
