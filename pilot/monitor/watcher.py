@@ -52,6 +52,7 @@ from pilot.monitor.sampler import TreeSampler
 from pilot.monitor.scan import WorkdirScan, WorkdirScanner
 from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
+from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
 Abort = Callable[[ErrorCode, str], None]
@@ -131,8 +132,10 @@ class JobMonitor:
         sampler: TreeSampler | None = None,
         skip: tuple[Path, ...] = (),
         wall: Callable[[], float] = time.time,
+        secrets: SecretValues | None = None,
     ) -> None:
         self.clock = clock
+        self.secrets = secrets
         self.in_thread = in_thread
         self.settings = settings
         self.limits = limits
@@ -356,7 +359,9 @@ class JobMonitor:
     async def debug_tail(self) -> str:
         """The redacted end of the most recently modified file of the work directory."""
         return await self.in_thread(
-            lambda: newest_file_tail(self.workdir, self.settings.debug_tail_bytes, self._scan())
+            lambda: newest_file_tail(
+                self.workdir, self.settings.debug_tail_bytes, self._scan(), secrets=self.secrets
+            )
         )
 
 
@@ -375,8 +380,13 @@ def monitor_update_fields(fields: Mapping[str, int]) -> dict[str, Any]:
     return {_UPDATE_ATTRIBUTES[k]: v for k, v in fields.items() if k in _UPDATE_ATTRIBUTES}
 
 
-def newest_file_tail(workdir: Path, limit: int, scan: WorkdirScan | None = None) -> str:
-    """Last ``limit`` bytes of the newest payload file (payload.stdout if none), redacted."""
+def newest_file_tail(
+    workdir: Path, limit: int, scan: WorkdirScan | None = None, *, secrets: SecretValues | None = None
+) -> str:
+    """Last ``limit`` bytes of the newest payload file (payload.stdout if none), redacted.
+
+    ``secrets``: the values the pilot knows, removed before the pattern rules run.
+    """
     scan = scan or WorkdirScanner(workdir).scan()
     name = scan.newest_path or "payload.stdout"
     path = workdir / name
@@ -390,4 +400,4 @@ def newest_file_tail(workdir: Path, limit: int, scan: WorkdirScan | None = None)
     text = data.decode("utf-8", errors="replace")
     if size > limit:
         text = text.split("\n", 1)[-1]  # start at a line boundary
-    return f"==> {name} <==\n" + redact(text)
+    return f"==> {name} <==\n" + redact(text, secrets)
