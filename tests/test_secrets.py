@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from bench import redaction
 from bench.redaction import make_secrets, make_tail
 from pilot.monitor.redact import MARK, redact
 from pilot.monitor.settings import MonitorSettings
@@ -223,6 +224,13 @@ class RegistryTests(SynchronousTestCase):
 class MicroBenchmarkTests(SynchronousTestCase):
     """The benchmark's workload (``bench/redaction.py``); nothing is asserted about time."""
 
+    def test_the_benchmark_runs(self) -> None:
+        run_dir = Path(self.mktemp()) / "redaction"
+        redaction.main(["--secrets", "6", "--repeat", "2", "--no-targets", "--dir", str(run_dir)])
+        results = json.loads((run_dir.parent / "redaction.json").read_text())
+        self.assertEqual(results["secrets"], 6)
+        self.assertGreater(results["value_redaction_ms"], 0)
+
     def test_sixteen_kilobytes_and_fifty_secrets(self) -> None:
         rng = random.Random(3)
         values = make_secrets(50, rng)
@@ -233,3 +241,4 @@ class MicroBenchmarkTests(SynchronousTestCase):
         self.assertNotIn(values[7], cleaned)
         self.assertEqual(cleaned.count(MARK), 1)
         self.assertEqual(len(secrets), 50)
+        self.assertEqual(secrets.values(), frozenset(values))
