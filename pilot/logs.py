@@ -13,6 +13,7 @@ Event field names are a schema: ``event`` (a dotted event type such as
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import IO
 
@@ -24,6 +25,8 @@ from twisted.logger import (
     globalLogPublisher,
     jsonFileLogObserver,
 )
+
+from pilot.util.files import open_for_append
 
 _levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 
@@ -37,16 +40,22 @@ def set_debug(debug: bool) -> None:
 
 
 class JsonLogFile:
-    """The pilot's JSON log file, attached to the global log publisher while open."""
+    """The pilot's JSON log file, attached to the global log publisher while open.
 
-    def __init__(self, path: Path) -> None:
+    A new file is created with ``mode`` (owner-only by default: the log names jobs,
+    files, hosts and diagnostics that other users of the node have no business reading);
+    an existing file, which the operator made, keeps its mode.
+    """
+
+    def __init__(self, path: Path, mode: int = 0o600) -> None:
         self.path = path
+        self.mode = mode
         self._handle: IO[str] | None = None
         self._observer: ILogObserver | None = None
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = self.path.open("a", encoding="utf-8")
+        self._handle = os.fdopen(open_for_append(self.path, self.mode), "a", encoding="utf-8")
         self._observer = jsonFileLogObserver(self._handle)
         globalLogPublisher.addObserver(self._observer)
 

@@ -283,7 +283,7 @@ class SummaryTests(TestCase):
         self.path.write_text("old")
         write_summary(self.path, summarise(example()))
         self.assertEqual([entry.name for entry in self.dir.iterdir()], [SUMMARY_NAME])
-        self.assertEqual(self.path.stat().st_mode & 0o777, 0o644)
+        self.assertEqual(self.path.stat().st_mode & 0o777, 0o600)  # owner-only (issue 11, defect 12)
 
     def test_failed_write_keeps_old_file(self) -> None:
         self.path.write_text("old")

@@ -4,11 +4,18 @@ A payload's output can contain what it should not: bearer tokens, JWTs (WLCG/Sci
 and OIDC tokens are JWTs), proxy PEM blocks, passwords and keys in ``key=value`` or
 JSON form, signed-URL signatures, AWS keys.  Each is replaced by ``[REDACTED]``; the text
 around it stays, so an operator still sees what happened.
+
+Patterns cannot recognise a bare value (an S3 secret key, an opaque token): the values
+the pilot knows are removed first, by value (``pilot.util.secrets.SecretValues``).
+First, because a pattern may stop inside a value (``key=value`` stops at ``&`` or a
+quote) and would leave a part that the value search can no longer find.
 """
 
 from __future__ import annotations
 
 import re
+
+from pilot.util.secrets import SecretValues
 
 MARK = "[REDACTED]"
 
@@ -37,8 +44,10 @@ _LINE_RULES: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
 )
 
 
-def redact(text: str) -> str:
-    """``text`` with every secret-looking part replaced by ``[REDACTED]``."""
+def redact(text: str, secrets: SecretValues | None = None) -> str:
+    """``text`` with every known secret value and every secret-looking part replaced by ``[REDACTED]``."""
+    if secrets is not None:
+        text = secrets.redact(text, MARK)
     if "-----BEGIN " in text:
         text = _PEM.sub(MARK, text)
     lowered = text.lower()

@@ -53,6 +53,7 @@ from pilot.monitor.scan import WorkdirScan, WorkdirScanner
 from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
 from pilot.server.widths import UPDATE_FITS, tail_lines, utf8_size
+from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
 Abort = Callable[[ErrorCode, str], None]
@@ -132,8 +133,10 @@ class JobMonitor:
         sampler: TreeSampler | None = None,
         skip: tuple[Path, ...] = (),
         wall: Callable[[], float] = time.time,
+        secrets: SecretValues | None = None,
     ) -> None:
         self.clock = clock
+        self.secrets = secrets
         self.in_thread = in_thread
         self.settings = settings
         self.limits = limits
@@ -357,7 +360,9 @@ class JobMonitor:
     async def debug_tail(self) -> str:
         """The redacted end of the most recently modified file of the work directory."""
         return await self.in_thread(
-            lambda: newest_file_tail(self.workdir, self.settings.debug_tail_bytes, self._scan())
+            lambda: newest_file_tail(
+                self.workdir, self.settings.debug_tail_bytes, self._scan(), secrets=self.secrets
+            )
         )
 
 
@@ -380,8 +385,13 @@ def monitor_update_fields(fields: Mapping[str, int]) -> dict[str, Any]:
 DEBUG_TAIL_WIDTH = UPDATE_FITS["stdout"].width
 
 
-def newest_file_tail(workdir: Path, limit: int, scan: WorkdirScan | None = None) -> str:
-    """Last ``limit`` bytes of the newest payload file (payload.stdout if none), redacted."""
+def newest_file_tail(
+    workdir: Path, limit: int, scan: WorkdirScan | None = None, *, secrets: SecretValues | None = None
+) -> str:
+    """Last ``limit`` bytes of the newest payload file (payload.stdout if none), redacted.
+
+    ``secrets``: the values the pilot knows, removed before the pattern rules run.
+    """
     scan = scan or WorkdirScanner(workdir).scan()
     name = scan.newest_path or "payload.stdout"
     path = workdir / name
@@ -397,4 +407,4 @@ def newest_file_tail(workdir: Path, limit: int, scan: WorkdirScan | None = None)
         text = text.split("\n", 1)[-1]  # start at a line boundary
     header = f"==> {name} <==\n"
     # the server keeps at most its column's width: the newest lines, after the header
-    return header + tail_lines(redact(text), DEBUG_TAIL_WIDTH - utf8_size(header))
+    return header + tail_lines(redact(text, secrets), DEBUG_TAIL_WIDTH - utf8_size(header))

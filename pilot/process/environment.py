@@ -13,6 +13,9 @@ the payload environment is assembled from:
    ``ATHENA_PROC_NUMBER``/``ATHENA_CORE_NUMBER`` from the core count.
 
 Experiment plug-ins can add to it (see ``pilot.interfaces``).
+
+Copytools act for the pilot and get its proxy and token, preferably by the paths of the
+pilot's private copies (``pilot.util.private``) rather than the site's originals.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pilot.model.job import Job
+from pilot.util.secrets import CREDENTIAL_VARIABLES, name_matches
 
 #: Variables passed through from the pilot's environment (exact names or globs).
 ALLOWED: tuple[str, ...] = (
@@ -81,9 +85,12 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def is_denied(name: str) -> bool:
-    """Whether ``name`` looks like a credential (case-insensitive)."""
-    upper = name.upper()
-    return _matches(upper, tuple(p.upper() for p in DENIED))
+    """Whether ``name`` looks like a credential or says where one is (case-insensitive).
+
+    ``DENIED`` and the variables the pilot removes from its own environment
+    (``pilot.util.secrets.CREDENTIAL_VARIABLES``): one list could drift from the other.
+    """
+    return name_matches(name, DENIED) or name_matches(name, CREDENTIAL_VARIABLES)
 
 
 #: What copytool processes (xrdcp, gfal-copy, rucio, lsm-*) get from the pilot's
@@ -115,11 +122,21 @@ COPYTOOL_ALLOWED: tuple[str, ...] = (
 )
 
 
-def copytool_environment(pilot_environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment for copytool processes (see ``COPYTOOL_ALLOWED``)."""
+def copytool_environment(
+    pilot_environ: Mapping[str, str], *, proxy: Path | None = None, token_file: Path | None = None
+) -> dict[str, str]:
+    """The environment for copytool processes (see ``COPYTOOL_ALLOWED``).
+
+    ``proxy`` and ``token_file``: the pilot's private copies, named instead of whatever
+    ``X509_USER_PROXY`` and ``BEARER_TOKEN_FILE`` said in the pilot's environment.
+    """
     env = {name: value for name, value in pilot_environ.items() if _matches(name, COPYTOOL_ALLOWED)}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env.setdefault("LC_ALL", "C")
+    if proxy is not None:
+        env["X509_USER_PROXY"] = str(proxy)
+    if token_file is not None:
+        env["BEARER_TOKEN_FILE"] = str(token_file)
     return env
 
 
