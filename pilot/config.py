@@ -65,5 +65,8 @@ class PilotConfig:
     batch_id: str = ""
     harvester_id: str = ""
     worker_id: int | None = None
+    #: Run transformations and pre/post-process scripts fetched over plain http without a
+    #: sha256 checksum (a site that serves them on a trusted network).
+    allow_http_transformations: bool = False
     #: One-line notices to log at start (options accepted for compatibility that do nothing here...).
     notices: tuple[str, ...] = ()

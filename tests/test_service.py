@@ -59,6 +59,8 @@ class ServiceHarness:
         timefloor: int = 0,
         api: ApiMode = ApiMode.V1,
         in_thread: Any = run_sync,
+        experiment: Any = None,
+        secrets_environ: dict[str, str] | None = None,
         **config: Any,
     ):
         self.clock = Clock()
@@ -94,9 +96,9 @@ class ServiceHarness:
             clock=self.clock,
             spawner=self.spawner,
             client=self.client,
-            experiment=GenericExperiment(),
+            experiment=experiment or GenericExperiment(),
             in_thread=in_thread,
-            environ={"PATH": "/usr/bin:/bin", "X509_USER_PROXY": "/secret/proxy"},
+            environ={"PATH": "/usr/bin:/bin", "X509_USER_PROXY": "/secret/proxy", **(secrets_environ or {})},
             stop_reactor=self._stopped,
             jitter=lambda: 0.5,
             process_control=self.control,
@@ -187,6 +189,56 @@ class LifecycleTests(SynchronousTestCase):
         h.finish_payload(0)
         self.assertEqual(h.server.states(104), ["starting", "running", "finished"])
         self.assertTrue(all(c.path.startswith("/server/panda/") for c in h.server.calls))
+
+
+class UntrustedInputTests(SynchronousTestCase):
+    """What comes from outside the pilot is checked before it is used."""
+
+    def test_http_transformation_without_checksum_is_not_run(self) -> None:
+        h = ServiceHarness(self)
+        h.server.files["/trf/run.sh"] = b"#!/bin/sh\necho x\n"
+        h.server.jobs.append(job(121, transformation="http://panda.example.org:25080/trf/run.sh"))
+        h.start()
+        h.clock.advance(0)  # the log tarball
+        final = h.server.updates(121)[-1]
+        self.assertEqual(final["pilot_error_code"], ErrorCode.TRFDOWNLOADFAILURE)
+        self.assertIn("checksum", final["pilot_error_diag"])
+        self.assertFalse([c for c in h.server.calls if c.method == "GET"], "nothing was downloaded")
+        self.assertEqual(h.spawner.payloads(), [])
+
+    def test_http_transformation_allowed_by_the_site(self) -> None:
+        h = ServiceHarness(self, allow_http_transformations=True)
+        h.server.jobs.append(job(122, transformation="http://panda.example.org/trf/run.sh"))
+        h.start()
+        self.assertNotEqual(h.server.updates(122)[-1].get("pilot_error_code"), ErrorCode.TRFDOWNLOADFAILURE)
+
+    def test_a_secret_the_pilot_knows_never_reaches_the_server(self) -> None:
+        token = "opaque-0123456789abcdef"  # no pattern would recognise it
+        h = ServiceHarness(self, secrets_environ={"BEARER_TOKEN": token})
+        h.server.jobs.append(job(123))
+        h.start()
+        payload = h.payload()
+        assert payload.path is not None
+        # the payload's last words quote the token; they become the payload's error diagnostic
+        (Path(payload.path) / "payload.stderr").write_text(f"fatal: token {token} refused\n")
+        h.finish_payload(1)
+        final = h.server.updates(123)[-1]
+        self.assertIn("[REDACTED]", final["exe_error_diag"], "the diagnostic quoted the payload")
+        sent = json.dumps([c.params for c in h.server.calls])
+        self.assertNotIn(token, sent)
+
+    def test_a_plugins_hostile_log_tarball_name_is_refused(self) -> None:
+        class Hostile(GenericExperiment):
+            def log_tarball_name(self, job: Any) -> str:
+                return "../../outside.tgz"
+
+        h = ServiceHarness(self, experiment=Hostile())
+        h.server.jobs.append(job(124))
+        h.start()
+        h.finish_payload(0)
+        final = h.server.updates(124)[-1]
+        self.assertEqual(final["pilot_error_code"], ErrorCode.LOGFILECREATIONFAILURE)
+        self.assertFalse((Path(str(h.service.config.workdir)) / "outside.tgz").exists())
 
 
 class WorkdirAndTransformationTests(SynchronousTestCase):

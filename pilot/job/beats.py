@@ -67,7 +67,9 @@ class JobBeats:
         if ctx.monitor is not None:
             return await ctx.monitor.debug_tail()
         settings = ctx.env.config.monitor
-        return await ctx.env.in_thread(newest_file_tail, ctx.workdir, settings.debug_tail_bytes)
+        return await ctx.env.in_thread(
+            newest_file_tail, ctx.workdir, settings.debug_tail_bytes, secrets=ctx.env.secrets
+        )
 
     def handle_commands(self, result: UpdateResult) -> None:
         ctx = self.ctx

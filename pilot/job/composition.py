@@ -103,6 +103,11 @@ def _verify(data: bytes, checksum: str) -> str | None:
     return None if actual == value.lower() else f"{kind} {actual} != {value.lower()}"
 
 
+def step_failure(name: str) -> ErrorCode:
+    """The code a step's failure gives the job (a co-process counts as the pre-process)."""
+    return ErrorCode.POSTPROCESSFAILURE if name == "postprocess" else ErrorCode.PREPROCESSFAILURE
+
+
 def _install(target: Path, data: bytes) -> None:
     target.write_bytes(data)
     target.chmod(0o700)
@@ -112,7 +117,7 @@ async def fetch_step(
     step: Step, workdir: Path, download: Callable[[str], Awaitable[bytes]], in_thread: ThreadRunner
 ) -> tuple[Step, str]:
     """Download a URL command into the work directory; returns the local step and its sha256."""
-    code = ErrorCode.PREPROCESSFAILURE if step.name != "postprocess" else ErrorCode.POSTPROCESSFAILURE
+    code = step_failure(step.name)
     try:
         data = await download(step.command)
     except CancelledError:

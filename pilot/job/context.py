@@ -39,6 +39,7 @@ from pilot.monitor.status import StatusFile
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl
 from pilot.queuedata import QueueData
 from pilot.server.client import JobUpdate, UpdateResult
+from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class JobEnvironment:
     staging: StagingSetup = field(default_factory=StagingSetup)
     status: StatusFile | None = None
     wall: Callable[[], float] = time.time
+    #: Every secret value the pilot knows (its own and the jobs'): redacted by value.
+    secrets: SecretValues = field(default_factory=SecretValues)
 
 
 class JobControl:
@@ -158,7 +161,9 @@ class JobContext:
         self.errors = errors or JobErrors()
         self.control = JobControl()
         self.lifecycle = JobLifecycle(job.panda_id, env.clock)
-        self.updates = JobUpdates(env.reporter, env.clock, job.panda_id, job.attempt_nr, env.identity)
+        self.updates = JobUpdates(
+            env.reporter, env.clock, job.panda_id, job.attempt_nr, env.identity, secrets=env.secrets
+        )
         self.getjob_seconds = getjob_seconds
         self.final_deadline: float | None = None
         # filled in by the phases, in order

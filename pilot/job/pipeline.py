@@ -32,7 +32,7 @@ from pilot.job.phases.staging import StageInPhase, StageOutPhase
 from pilot.job.summary import JobSummary, utc_text
 from pilot.job.updates import JobUpdates
 from pilot.logs import pilot_observer
-from pilot.model.job import Job, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
+from pilot.model.job import SECRET_KEYS, Job, JobDefinitionError, attempt_nr_of, panda_id_of, parse_job
 from pilot.model.states import ServerState
 from pilot.server.client import JobUpdate
 
@@ -97,6 +97,8 @@ class JobRun:
             job = parse_job(self.definition)
         except JobDefinitionError as exc:
             return await self._reject(exc)
+        for key in SECRET_KEYS:
+            self.env.secrets.add_document(job.raw.get(key))  # redacted wherever they show
         ctx = JobContext(self.env, job, self.summary, errors=self.errors, getjob_seconds=self.getjob_seconds)
         JobBeats(ctx)
         self.ctx = ctx
@@ -149,7 +151,12 @@ class JobRun:
             summary.ended_at = self.env.clock.seconds()
             return summary
         updates = JobUpdates(
-            self.env.reporter, self.env.clock, panda_id, attempt_nr_of(self.definition), self.env.identity
+            self.env.reporter,
+            self.env.clock,
+            panda_id,
+            attempt_nr_of(self.definition),
+            self.env.identity,
+            secrets=self.env.secrets,
         )
         self._reject_updates = updates
         fields = JobUpdate(

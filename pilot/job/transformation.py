@@ -23,6 +23,7 @@ from pilot.errors import PilotError
 from pilot.logs import pilot_observer
 from pilot.model.job import Job
 from pilot.util.threads import ThreadRunner
+from pilot.util.untrusted import transformation_source_allowed
 
 log = Logger(observer=pilot_observer)
 
@@ -35,16 +36,27 @@ def _is_url(text: str) -> bool:
     return text.startswith(("http://", "https://"))
 
 
-def download_sources(job: Job, baseurls: Sequence[str]) -> list[str]:
-    """The URLs to try for the job's transformation, in order; empty: run it as it is."""
+def download_sources(job: Job, baseurls: Sequence[str], *, allow_http: bool = False) -> list[str]:
+    """The URLs to try for the job's transformation, in order; empty: run it as it is.
+
+    Only sources the pilot may run are kept (https, or http where the site allows it:
+    ``pilot.util.untrusted``); PilotError(TRFDOWNLOADFAILURE) when none is left.
+    """
     trf = job.transformation
     if _is_url(trf):
         name = os.path.basename(urlsplit(trf).path)
         mirrors = [f"{base}/{name}" for base in baseurls if name and not trf.startswith(base + "/")]
-        return [trf, *mirrors]
-    if baseurls and _SAFE_NAME.fullmatch(trf):
-        return [f"{base}/{trf}" for base in baseurls]
-    return []
+        candidates = [trf, *mirrors]
+    elif baseurls and _SAFE_NAME.fullmatch(trf):
+        candidates = [f"{base}/{trf}" for base in baseurls]
+    else:
+        return []
+    refused = {url: transformation_source_allowed(url, None, allow_http) for url in candidates}
+    allowed = [url for url, reason in refused.items() if reason is None]
+    if not allowed:
+        reasons = "; ".join(f"{url}: {reason}" for url, reason in refused.items())
+        raise PilotError(ErrorCode.TRFDOWNLOADFAILURE, f"no source the pilot may run ({reasons})")
+    return allowed
 
 
 def local_name(url: str) -> str:

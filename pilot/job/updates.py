@@ -26,7 +26,9 @@ from twisted.logger import Logger
 from pilot.interfaces import IJobReporter
 from pilot.logs import pilot_observer
 from pilot.model.states import ServerState
+from pilot.monitor.redact import redact
 from pilot.server.client import JobUpdate, RetryPolicy, ServerError, StatusCode, UpdateResult
+from pilot.util.secrets import SecretValues
 
 T = TypeVar("T")
 
@@ -52,6 +54,23 @@ class PilotIdentity:
     scheduler_id: str = ""
 
 
+#: Update fields that carry free text (payload output, diagnostics, the job report): the
+#: secrets the pilot knows and what looks like a secret are removed before they leave.
+FREE_TEXT_FIELDS = ("stdout", "pilot_error_diag", "exe_error_diag", "meta_data", "pilot_log")
+
+
+def redacted(update: JobUpdate, secrets: SecretValues | None) -> JobUpdate:
+    """``update`` with its free-text fields redacted (the same object when nothing changed)."""
+    changed: dict[str, Any] = {}
+    for name in FREE_TEXT_FIELDS:
+        text = getattr(update, name)
+        if isinstance(text, str) and text:
+            clean = redact(text, secrets)
+            if clean != text:
+                changed[name] = clean
+    return replace(update, **changed) if changed else update
+
+
 class FinalUpdateLost(Exception):
     """The final update could not be delivered before the deadline."""
 
@@ -70,6 +89,7 @@ class JobUpdates:
         identity: PilotIdentity,
         *,
         final_retry: RetryPolicy = FINAL_UPDATE_RETRY,
+        secrets: SecretValues | None = None,
     ) -> None:
         self._reporter = reporter
         self._clock = clock
@@ -77,6 +97,7 @@ class JobUpdates:
         self._attempt_nr = attempt_nr
         self._identity = identity
         self._final_retry = final_retry
+        self._secrets = secrets
         self._lock = DeferredLock()
         self._waiting: Deferred[Any] | None = None
         self.sent: list[str] = []
@@ -87,7 +108,7 @@ class JobUpdates:
         return self._lock.locked
 
     def _update(self, state: ServerState, fields: JobUpdate | None) -> JobUpdate:
-        base = fields or JobUpdate(job_id=self._panda_id, state=state.value)
+        base = redacted(fields or JobUpdate(job_id=self._panda_id, state=state.value), self._secrets)
         identity = self._identity
         return replace(
             base,

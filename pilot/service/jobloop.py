@@ -49,6 +49,7 @@ from pilot.server.client import ServerError, ServerRefused, StatusCode
 from pilot.service.requests import job_request, node_resources, pilot_identity
 from pilot.staging.storage import StorageData
 from pilot.util.deferreds import OneShot
+from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
 T = TypeVar("T")
@@ -80,6 +81,7 @@ class JobLoop(Service):
         staging: StagingSetup | None = None,
         wall: Callable[[], float] = time.time,
         on_job_done: Callable[[JobSummary], None] = lambda summary: None,
+        secrets: SecretValues | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -94,6 +96,7 @@ class JobLoop(Service):
         self._process_control = process_control
         self._wall = wall
         self._on_job_done = on_job_done
+        self._secrets = secrets if secrets is not None else SecretValues()
         self.staging = staging or StagingSetup(
             storage=config.storagedata or StorageData(), records_dir=config.workdir
         )
@@ -387,6 +390,7 @@ class JobLoop(Service):
             staging=self.staging,
             status=self.status,
             wall=self._wall,
+            secrets=self._secrets,
         )
         run = JobRun(env, definition, getjob_seconds=getjob_seconds)
         self._current = run

@@ -47,6 +47,7 @@ from pilot.service.jobloop import JobLoop
 from pilot.service.summaryfile import summary_document, write_summary_file
 from pilot.source.panda import PandaServerSource
 from pilot.util.deferreds import OneShot
+from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
 #: Signals the pilot handles as "stop now, report the job, exit".
@@ -121,6 +122,7 @@ class PilotService(MultiService):
         wall: Callable[[], float] = time.time,
         source: IJobSource | None = None,
         reporter: IJobReporter | None = None,
+        secrets: SecretValues | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -130,6 +132,9 @@ class PilotService(MultiService):
         self._environ = environ
         self._spawner = spawner
         self._stop_reactor = stop_reactor
+        if secrets is None:
+            secrets = SecretValues()
+            secrets.add_environment(environ)
         panda = PandaServerSource(client)
         self.source: IJobSource = source or panda
         self.jobs = JobLoop(
@@ -147,6 +152,7 @@ class PilotService(MultiService):
             staging=staging,
             wall=wall,
             on_job_done=lambda _summary: self._write_summary_file(),
+            secrets=secrets,
         )
         self._close_connections = close_connections
         # started in this order, stopped in the reverse one (see stopService)

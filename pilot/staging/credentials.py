@@ -18,6 +18,7 @@ from typing import Any
 
 from pilot.errorcodes import ErrorCode
 from pilot.staging.transfer import TransferError
+from pilot.util.secrets import SecretValues
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ def _read_json(path: str) -> Mapping[str, Any]:
 class Credentials:
     """Object-store credentials from the pilot's environment and protocol settings."""
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
+    def __init__(self, environ: Mapping[str, str], *, secrets: SecretValues | None = None) -> None:
         self._environ = dict(environ)
+        #: Every key or token read is added here, so that it is redacted wherever it shows.
+        self.secrets = secrets
 
     def s3_keys(self, settings: Mapping[str, Any]) -> S3Keys:
         path = settings.get("credentials_file") or self._environ.get("S3_CREDENTIALS_FILE")
@@ -56,15 +59,21 @@ class Credentials:
             raise TransferError(
                 ErrorCode.MISSINGCREDENTIALS, "no S3 access/secret key available", retry_elsewhere=False
             )
+        if self.secrets is not None:
+            self.secrets.add(secret)
         return S3Keys(access, secret)
 
     def gcs_token(self, settings: Mapping[str, Any]) -> str | None:
         path = settings.get("token_file") or self._environ.get("GCS_TOKEN_FILE")
         if path:
             try:
-                return Path(str(path)).read_text(encoding="utf-8").strip()
+                token: str | None = Path(str(path)).read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise TransferError(
                     ErrorCode.MISSINGCREDENTIALS, f"cannot read GCS token file: {exc.strerror}"
                 ) from None
-        return self._environ.get("GCS_ACCESS_TOKEN") or None
+        else:
+            token = self._environ.get("GCS_ACCESS_TOKEN") or None
+        if token and self.secrets is not None:
+            self.secrets.add(token)
+        return token

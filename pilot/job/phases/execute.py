@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.composition import HPO_LOOP_END, Step, fetch_step, parse_steps, step_argv
+from pilot.job.composition import HPO_LOOP_END, Step, fetch_step, parse_steps, step_argv, step_failure
 from pilot.job.context import JobContext
 from pilot.job.credentials import remove_job_credentials, write_job_credentials
 from pilot.job.launcher import ProcessLauncher
@@ -29,6 +29,7 @@ from pilot.model.processes import ProcessOutcome
 from pilot.process.environment import payload_environment
 from pilot.process.runner import ManagedProcess
 from pilot.process.utility import Utility
+from pilot.util.untrusted import transformation_source_allowed
 
 log = Logger(observer=pilot_observer)
 
@@ -52,6 +53,11 @@ class ExecutePhase:
         steps = parse_steps(job)
         for name, step in list(steps.items()):
             if step.is_url:
+                refusal = transformation_source_allowed(
+                    step.command, step.checksum, env.config.allow_http_transformations
+                )
+                if refusal is not None:
+                    raise PilotError(step_failure(name), f"{name} {step.command}: {refusal}")
                 steps[name], _digest = await ctx.control.guard(
                     fetch_step(step, workdir, env.download, env.in_thread)
                 )

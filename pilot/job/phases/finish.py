@@ -34,6 +34,7 @@ from pilot.monitor.watcher import monitor_update_fields
 from pilot.server.client import JobUpdate, UpdateResult
 from pilot.util.checksum import file_facts
 from pilot.util.files import write_text_atomically
+from pilot.util.untrusted import safe_file_name
 
 log = Logger(observer=pilot_observer)
 
@@ -160,7 +161,13 @@ class FinishPhase:
         ctx, env, job = self.ctx, self.ctx.env, self.ctx.job
         if job.log is None or ctx.workdir is None:
             return
-        destination = env.pilot_dir / "logs" / env.experiment.log_tarball_name(job)
+        try:
+            name = safe_file_name(env.experiment.log_tarball_name(job))
+        except ValueError as exc:
+            raise PilotError(
+                ErrorCode.LOGFILECREATIONFAILURE, f"the experiment's log tarball name: {exc}"
+            ) from None
+        destination = env.pilot_dir / "logs" / name
         path = await ctx.control.guard(
             create_log_tarball(
                 spawner=env.spawner,

@@ -174,6 +174,7 @@ class PayloadRun:
             skip=tuple(workdir / name for name in ctx.staged_in()),
             wall=env.wall,
             write_files=ctx.prmon is None,
+            secrets=env.secrets,
         )
         ctx.monitor.start()
 

@@ -81,7 +81,7 @@ class SetupPhase:
             debug=job.is_debug,
         )
         ctx.heartbeat.start()
-        sources = download_sources(job, env.config.baseurls)
+        sources = download_sources(job, env.config.baseurls, allow_http=env.config.allow_http_transformations)
         if sources:
             path = await ctx.control.guard(
                 fetch_transformation(sources, workdir, env.download, env.in_thread)
