@@ -69,6 +69,48 @@ class SampleTests(SynchronousTestCase):
         ):
             self.assertFalse(validator.is_valid(bad), bad)
 
+    def test_schema_states_the_definition_rules(self) -> None:
+        """The pilot's definition rules as the schema writes them: the same verdicts."""
+        validator = jsonschema.Draft202012Validator(SCHEMA)
+        bad: list[dict[str, Any]] = [
+            base(outFiles="a.root,data#1.root"),
+            base(inFiles="a b.root"),
+            base(logFile="log?.tgz"),
+            base(jobPars="-c \x00"),
+            base(jobPars="x" * 122_880),
+            base(transformation="/" + "t" * 4096),
+            base(scopeOut="ok,bad/scope"),
+            base(scopeIn="a..b"),
+            base(scopeLog="-x"),
+            base(preprocess={"command": {"a": 1}}),
+            base(postprocess={"command": "c", "args": ["x", {"b": 1}]}),
+            base(coprocess={"command": "c", "checksum": "crc:1"}),
+            base(secrets={"k": {"v": 1}}),
+            base(userProxy={"pem": "x"}),
+        ]
+        for raw in bad:
+            self.assertFalse(validator.is_valid(raw), raw)
+            self.assertRaises(JobDefinitionError, parse_job, raw)
+        good: list[dict[str, Any]] = [
+            base(
+                outFiles="EVNT.1._000001.pool.root.1,log.tgz",
+                scopeOut="mc16_13TeV, NULL",
+                scopeLog="user.jdoe",
+            ),
+            base(
+                preprocess={
+                    "command": "https://h/p",
+                    "args": ["-x"],
+                    "ignore_failure": "True",
+                    "checksum": "ad:1",
+                }
+            ),
+            base(secrets={"S3_KEY": "v"}, jobPars="--containerImage docker://alpine -c 'echo hi'"),
+        ]
+        for raw in good:
+            self.assertEqual(list(validator.iter_errors(raw)), [], raw)
+            parse_job(raw)
+
 
 class FieldTests(SynchronousTestCase):
     def test_inputs_and_checksums(self) -> None:
