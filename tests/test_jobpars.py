@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -16,7 +17,6 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-import pilot.model.job
 from pilot.errorcodes import ErrorCode
 from pilot.experiments.generic import GenericExperiment
 from pilot.model.job import JobDefinitionError, parse_job
@@ -30,7 +30,6 @@ from pilot.model.jobpars import (
 )
 
 reactor: Any = _reactor
-MODEL = str(Path(pilot.model.job.__file__).parent)
 
 
 def job(**extra: Any) -> dict[str, Any]:
@@ -45,14 +44,15 @@ def rejected(raw: dict[str, Any]) -> JobDefinitionError:
     raise AssertionError(f"accepted: {raw!r:.200}")
 
 
-def model_steps(function: Callable[[], object]) -> int:
-    """How many lines of ``pilot/model`` run while ``function`` runs: a step count, not a clock."""
+def python_steps(function: Callable[[], object]) -> int:
+    """How many Python lines run while ``function`` runs (any module): a step count, not a clock.
+
+    A scan in Python, like ``shlex``'s character loop, shows here as steps per character.
+    """
     count = 0
 
     def tracer(frame: FrameType, event: str, arg: object) -> Any:
         nonlocal count
-        if not frame.f_code.co_filename.startswith(MODEL):
-            return None
         if event == "line":
             count += 1
         return tracer
@@ -78,7 +78,7 @@ class SizeLimitTests(SynchronousTestCase):
         self.assertIn(str(MAX_ARG_STRLEN), error.diag, "why")
 
     def test_huge_parameters_are_refused_before_being_read(self) -> None:
-        steps = model_steps(
+        steps = python_steps(
             lambda: self.assertRaises(JobDefinitionError, parse_job, job(jobPars="'" * 2**20))
         )
         self.assertLess(steps, 200, "no scan of a text that cannot run")
@@ -185,9 +185,17 @@ class ContainerImageOptionTests(SynchronousTestCase):
 SHELL_TEXT = st.text(alphabet="ab -=\t\n'\"\\", max_size=60)
 #: Quoting that makes ``shlex`` slow: one long word of escapes and alternating quotes.
 PATHOLOGICAL = st.one_of(
-    st.sampled_from(["\\a", "'a'", '"a"', "'a'\"b\"", '"\\"', "\\'", "a", "\\\\"]),
-    st.text(alphabet="'\"\\a", min_size=1, max_size=6),
+    st.sampled_from(
+        ["\\a", "'a'", '"a"', "'a'\"b\"", '"\\"', "\\'", "a", "\\\\", "a ", "--containerImage=docker://i "]
+    ),
+    st.text(alphabet="'\"\\a ", min_size=1, max_size=6),
 )
+
+
+OPTION_TOKENS = st.sampled_from(
+    ["--containerImage", "--containerImage=img", "'--containerImage'", '--contain"erImage"', "--containerImage=",
+     "img", "'a b'", "\\ ", "-c", 'x"y"', "\t", "", "--containerImages", "'--containerImage=img'"]
+)  # fmt: skip
 
 
 class ShellWordsTests(SynchronousTestCase):
@@ -203,14 +211,59 @@ class ShellWordsTests(SynchronousTestCase):
         for word in words:
             self.assertEqual(shlex.split(text[word.start : word.end]), [word.value])
 
+    @given(st.lists(OPTION_TOKENS, max_size=8))
+    def test_option_found_as_in_shlex_words(self, tokens: list[str]) -> None:
+        text = " ".join(tokens)
+        words = shlex.split(text)
+        image: str | None = None
+        rest: list[str] = []
+        index = 0
+        try:
+            while index < len(words):
+                word = words[index]
+                if word == "--containerImage" or word.startswith("--containerImage="):
+                    if word == "--containerImage":
+                        if index + 1 == len(words):
+                            raise ValueError("no value")
+                        found, index = words[index + 1], index + 2
+                    else:
+                        found, index = word.partition("=")[2], index + 1
+                    if not found or found.startswith("-") or (image is not None and found != image):
+                        raise ValueError("bad value")
+                    image = found
+                else:
+                    rest.append(word)
+                    index += 1
+        except ValueError:
+            self.assertRaises(JobDefinitionError, split_parameters, text)
+            return
+        split = split_parameters(text)
+        self.assertEqual((split.image, shlex.split(split.payload_args)), (image, rest))
+
     @settings(max_examples=12)
     @given(PATHOLOGICAL)
-    def test_pathological_quoting_parses_in_linear_steps(self, unit: str) -> None:
+    def test_pathological_quoting_parses_in_linear_time(self, unit: str) -> None:
+        """120 kB that make ``shlex`` quadratic: counted steps, and two sizes' times compared."""
+
+        def raw(size: int) -> dict[str, Any]:
+            return job(jobPars="--containerImage docker://i " + unit * (size // len(unit)))
+
         def steps(size: int) -> int:
-            text = "--containerImage docker://i " + unit * (size // len(unit))
-            raw = job(jobPars=text)
-            return model_steps(lambda: self.assertEqual(parse_job(raw).container_image, "docker://i"))
+            definition = raw(size)
+            return python_steps(lambda: self.assertEqual(parse_job(definition).container_image, "docker://i"))
+
+        def seconds(size: int) -> float:
+            definition = raw(size)
+            best = float("inf")
+            for _ in range(5):
+                started = time.perf_counter()
+                parse_job(definition)
+                best = min(best, time.perf_counter() - started)
+            return best
 
         small, large = steps(30_000), steps(120_000)
-        self.assertLess(large, 5 * small, "4 times the text, about 4 times the steps")
-        self.assertLess(large, 12 * 120_000, "a few steps per character at most")
+        self.assertLess(large, 5 * small, "4 times the text, at most about 4 times the steps")
+        self.assertLess(large, 2 * 120_000, "not a loop over characters (shlex: 16 steps per character)")
+        # the regular expressions do the scanning: one that backtracks shows in time, not in steps
+        ratio = seconds(120_000) / max(seconds(15_000), 1e-6)
+        self.assertLess(ratio, 24, "8 times the text: about 8 times the time (quadratic: 64)")
