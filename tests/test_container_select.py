@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,14 @@ class ContainerTypeTests(SynchronousTestCase):
         self.assertEqual(job_image(job(jobPars="--containerImage=/cvmfs/img.sif")), "/cvmfs/img.sif")
         self.assertEqual(job_image(job(container_name="docker://busybox")), "docker://busybox")
         self.assertIsNone(job_image(job(jobPars="-c 'echo hi'")))
+
+    def test_job_image_is_found_once_when_the_job_arrives(self) -> None:
+        """Defect 2: ``job_image`` ran ``shlex.split`` over the whole jobPars, for every process."""
+        parsed = job(jobPars="--containerImage docker://alpine:3 " + "\\a" * 50_000)
+        self.assertEqual(parsed.container_image, "docker://alpine:3")
+        later = replace(parsed, job_pars="--containerImage docker://other")
+        self.assertEqual(job_image(later), "docker://alpine:3", "no second look at the parameters")
+        self.assertEqual(runtime_for("payload", later, queue("")), "apptainer")
 
     def test_runtime_for(self) -> None:
         self.assertEqual(runtime_for("payload", job(), queue("bubblewrap:payload")), "bubblewrap")

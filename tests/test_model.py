@@ -69,6 +69,48 @@ class SampleTests(SynchronousTestCase):
         ):
             self.assertFalse(validator.is_valid(bad), bad)
 
+    def test_schema_states_the_definition_rules(self) -> None:
+        """The pilot's definition rules as the schema writes them: the same verdicts."""
+        validator = jsonschema.Draft202012Validator(SCHEMA)
+        bad: list[dict[str, Any]] = [
+            base(outFiles="a.root,data#1.root"),
+            base(inFiles="a b.root"),
+            base(logFile="log?.tgz"),
+            base(jobPars="-c \x00"),
+            base(jobPars="x" * 122_880),
+            base(transformation="/" + "t" * 4096),
+            base(scopeOut="ok,bad/scope"),
+            base(scopeIn="a..b"),
+            base(scopeLog="-x"),
+            base(preprocess={"command": {"a": 1}}),
+            base(postprocess={"command": "c", "args": ["x", {"b": 1}]}),
+            base(coprocess={"command": "c", "checksum": "crc:1"}),
+            base(secrets={"k": {"v": 1}}),
+            base(userProxy={"pem": "x"}),
+        ]
+        for raw in bad:
+            self.assertFalse(validator.is_valid(raw), raw)
+            self.assertRaises(JobDefinitionError, parse_job, raw)
+        good: list[dict[str, Any]] = [
+            base(
+                outFiles="EVNT.1._000001.pool.root.1,log.tgz",
+                scopeOut="mc16_13TeV, NULL",
+                scopeLog="user.jdoe",
+            ),
+            base(
+                preprocess={
+                    "command": "https://h/p",
+                    "args": ["-x"],
+                    "ignore_failure": "True",
+                    "checksum": "ad:1",
+                }
+            ),
+            base(secrets={"S3_KEY": "v"}, jobPars="--containerImage docker://alpine -c 'echo hi'"),
+        ]
+        for raw in good:
+            self.assertEqual(list(validator.iter_errors(raw)), [], raw)
+            parse_job(raw)
+
 
 class FieldTests(SynchronousTestCase):
     def test_inputs_and_checksums(self) -> None:
@@ -164,6 +206,100 @@ class BadDefinitionTests(SynchronousTestCase):
         self.assertRejected(["not", "a", "dict"], ErrorCode.CONVERSIONFAILURE, "<job>")
         self.assertIsNone(panda_id_of("garbage"))
 
+    def test_url_special_characters_in_file_names(self) -> None:
+        """Defect 7: ``data#1.root`` was reported with that name while storage held ``data``."""
+        for lfn in ("data#1.root", "data?x=1", "a%20b.root", "a b.root", "a\udc80b"):
+            self.assertRejected(base(outFiles=lfn), ErrorCode.BADOUTPUTFILENAME, "outFiles[0]")
+            self.assertRejected(base(logFile=lfn, outFiles=lfn), ErrorCode.BADOUTPUTFILENAME, "logFile")
+            self.assertRejected(base(inFiles=f"ok.root,{lfn}"), ErrorCode.STAGEINFAILED, "inFiles[1]")
+        for lfn in ("EVNT.123._000001.pool.root.1", "a+b=c:d@e.root", "user.jdoe_1-2.tgz"):
+            self.assertEqual(parse_job(base(outFiles=lfn)).outputs[0].lfn, lfn)
+
+    def test_nul_and_lone_surrogates_are_definition_errors(self) -> None:
+        """Defect 8: they failed the payload's start (1305) instead of the definition."""
+        for bad in ("a\x00b", "a\udc80b", "\ud800"):
+            for key in ("jobPars", "transformation", "container_name", "cmtConfig", "swRelease"):
+                self.assertRejected(base(**{key: bad}), ErrorCode.CONVERSIONFAILURE, key)
+            for key in ("GUID", "realDatasetsIn", "prodDBlockToken", "ddmEndPointIn"):
+                self.assertRejected(
+                    base(inFiles="a,b", **{key: f"x,{bad}"}), ErrorCode.CONVERSIONFAILURE, f"{key}[1]"
+                )
+            self.assertRejected(
+                base(preprocess={"command": "run", "args": bad}),
+                ErrorCode.CONVERSIONFAILURE,
+                "preprocess.args",
+            )
+            self.assertRejected(base(logFile="l.tgz", logGUID=bad), ErrorCode.CONVERSIONFAILURE, "logGUID")
+        error = self.assertRejected(base(jobPars="-c 'echo \x00'"), ErrorCode.CONVERSIONFAILURE, "jobPars")
+        self.assertIn("NUL", error.diag)
+
+    def test_steps_have_their_documented_shape(self) -> None:
+        """Defect 8: nested JSON in a step ended in UNKNOWNEXCEPTION (1301) when the job ran."""
+        cases: list[tuple[Any, str]] = [
+            ({"command": {"a": 1}}, "preprocess.command"),
+            ({"command": ""}, "preprocess.command"),
+            ({"args": "x"}, "preprocess.command"),
+            ({"command": "c", "args": ["x", {"b": 1}]}, "preprocess.args[1]"),
+            ({"command": "c", "args": {"b": 1}}, "preprocess.args"),
+            ({"command": "c", "ignore_failure": {"b": 1}}, "preprocess.ignore_failure"),
+            (["c"], "preprocess"),
+            ("{bad", "preprocess"),
+            ("[" * 100_000, "preprocess"),
+            (json.dumps({"command": {"a": 1}}), "preprocess.command"),
+        ]
+        for value, field in cases:
+            self.assertRejected(base(preprocess=value), ErrorCode.CONVERSIONFAILURE, field)
+        self.assertRejected(
+            base(postprocess={"command": "c", "checksum": "crc:1"}),
+            ErrorCode.UNKNOWNCHECKSUMTYPE,
+            "postprocess.checksum",
+        )
+        job = parse_job(
+            base(
+                preprocess={"command": "a", "args": ["x", "y"]},
+                coprocess="NULL",
+                postprocess=json.dumps(
+                    {"command": "https://h/p", "ignore_failure": "True", "checksum": "ad:1"}
+                ),
+            )
+        )
+        self.assertEqual(sorted(job.steps), ["postprocess", "preprocess"])
+        self.assertEqual((job.steps["preprocess"].command, job.steps["preprocess"].args), ("a", "x y"))
+        post = job.steps["postprocess"]
+        self.assertEqual((post.is_url, post.ignore_failure, post.checksum), (True, True, "ad:1"))
+
+    def test_secrets_are_an_object_of_strings(self) -> None:
+        """Defect 8: secrets of another shape failed the job only when its payload was set up."""
+        for value in (
+            ["p4ssw0rd"],
+            {"k": {"v": "p4ssw0rd"}},
+            '["p4ssw0rd"]',
+            "{p4ssw0rd",
+            {"k": 1},
+            "[" * 50_000,
+        ):
+            error = self.assertRejected(base(secrets=value), ErrorCode.CONVERSIONFAILURE, "secrets")
+            self.assertNotIn("p4ssw0rd", error.diag, "a secret is never quoted")
+        job = parse_job(base(secrets='{"S3_KEY": "p4ssw0rd"}'))
+        self.assertEqual(job.secrets, {"S3_KEY": "p4ssw0rd"})
+        self.assertNotIn("p4ssw0rd", repr(job))
+        self.assertEqual(parse_job(base(secrets={"k": "v"})).secrets, {"k": "v"})
+        self.assertEqual(parse_job(base(secrets="NULL")).secrets, {})
+        self.assertRejected(base(userProxy={"pem": "x"}), ErrorCode.CONVERSIONFAILURE, "userProxy")
+
+    def test_scopes_are_checked_before_the_payload_runs(self) -> None:
+        """Defect 8: a bad output scope was found at stage-out, after the payload (holding, 1137)."""
+        outputs = {"outFiles": "a.root,log.tgz", "logFile": "log.tgz"}
+        self.assertRejected(base(scopeOut="bad/scope", **outputs), ErrorCode.CONVERSIONFAILURE, "scopeOut[0]")
+        self.assertRejected(base(scopeOut="ok,..", **outputs), ErrorCode.CONVERSIONFAILURE, "scopeOut[1]")
+        self.assertRejected(base(scopeLog="-x", **outputs), ErrorCode.CONVERSIONFAILURE, "scopeLog")
+        self.assertRejected(base(inFiles="a", scopeIn=".hidden"), ErrorCode.CONVERSIONFAILURE, "scopeIn[0]")
+        job = parse_job(base(scopeOut="mc16_13TeV", scopeLog="user.jdoe", **outputs))
+        self.assertEqual(job.outputs[0].scope, "mc16_13TeV")
+
+    def test_nested_values_in_file_lists(self) -> None:
+        self.assertRejected(base(inFiles=["a", {"x": 1}]), ErrorCode.CONVERSIONFAILURE, "inFiles[1]")
+
     @settings(deadline=None, max_examples=200)
     @given(
         st.dictionaries(
@@ -183,9 +319,19 @@ class BadDefinitionTests(SynchronousTestCase):
                     "taskID",
                     "ddmEndPointOut",
                     "debug",
+                    "scopeIn",
+                    "container_name",
+                    "preprocess",
+                    "secrets",
                 ]
             ),
-            st.one_of(st.text(max_size=40), st.integers(), st.none(), st.booleans()),
+            st.one_of(
+                st.text(max_size=40),
+                st.integers(),
+                st.none(),
+                st.booleans(),
+                st.sampled_from(["\x00", "\udc80", "--containerImage /", '{"command": []}', "[1]"]),
+            ),
         )
     )
     def test_anything_parses_or_is_rejected_cleanly(self, extra: dict[str, Any]) -> None:

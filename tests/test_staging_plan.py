@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.model.job import Checksum, OutputFile, parse_job
+from pilot.model.job import Checksum, JobDefinitionError, OutputFile, parse_job
 from pilot.queuedata import QueueData
 from pilot.staging.catalog import render_catalog
 from pilot.staging.errors import classify
@@ -175,7 +176,12 @@ class StageInPlanTests(SynchronousTestCase):
         self.assertEqual(error.code, ErrorCode.NOSTORAGE)
 
     def test_hostile_scope_rejected_before_any_transfer(self) -> None:
-        error = self.assertRaises(PilotError, self.plan, job(scopeIn="../../etc,ok"), queue())
+        error = self.assertRaises(JobDefinitionError, job, scopeIn="../../etc,ok")
+        self.assertEqual((error.code, error.field), (ErrorCode.CONVERSIONFAILURE, "scopeIn[0]"))
+        # the plan still refuses to build a path from a scope that escapes
+        parsed = job()
+        hostile = replace(parsed, inputs=(replace(parsed.inputs[0], scope="../../etc"),))
+        error = self.assertRaises(PilotError, self.plan, hostile, queue())
         self.assertEqual(error.code, ErrorCode.STAGEINFAILED)
 
     def test_catalog(self) -> None:

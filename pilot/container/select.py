@@ -11,7 +11,6 @@ description written for another pilot must not stop this one.
 from __future__ import annotations
 
 import re
-import shlex
 
 from pilot.container.spec import ROLES
 from pilot.model.job import Job
@@ -48,18 +47,12 @@ def parse_container_type(text: str) -> dict[str, str]:
 
 
 def job_image(job: Job) -> str | None:
-    """``--containerImage <image>`` in the job parameters, else the job's ``container_name``."""
-    try:
-        words = shlex.split(job.job_pars)
-    except ValueError:
-        words = job.job_pars.split()
-    for index, word in enumerate(words):
-        if word == "--containerImage" and index + 1 < len(words):
-            return words[index + 1]
-        if word.startswith("--containerImage="):
-            return word.split("=", 1)[1]
-    name = job.raw.get("container_name")
-    return str(name) if name and str(name).upper() != "NULL" else None
+    """``--containerImage <image>`` in the job parameters, else the job's ``container_name``.
+
+    Found and checked once, when the job was parsed (``Job.container_image``): the
+    parameters may be 120 kB of shell text, and this is asked for every process.
+    """
+    return job.container_image
 
 
 def runtime_for(role: str, job: Job, queuedata: QueueData) -> str | None:

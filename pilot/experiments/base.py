@@ -28,11 +28,16 @@ class BaseExperiment:
     name = "base"
 
     def payload_command(self, job: Job, transformation: str, workdir: Path) -> str:
+        """``<transformation> <jobPars>``, without ``--containerImage`` (``Job.payload_args``).
+
+        The option names the pilot's container image; the transformation does not
+        know it (bash: "invalid option").
+        """
         if transformation.startswith("/") or transformation.startswith("./"):
             program = shlex.quote(transformation)
         else:
             program = transformation
-        return f"{program} {job.job_pars}".strip()
+        return f"{program} {job.payload_args}".strip()
 
     def payload_environment(self, job: Job, workdir: Path, base: Mapping[str, str]) -> dict[str, str]:
         return dict(base)

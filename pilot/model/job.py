@@ -18,24 +18,30 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pilot.errorcodes import ErrorCode
-from pilot.errors import PilotError
+from pilot.model.documents import Step, parse_secrets, parse_steps
+from pilot.model.fields import JobDefinitionError, aligned, integer, listing, text
+from pilot.model.jobpars import check_command_size, check_image, split_parameters
+from pilot.model.names import check_lfn, check_scope
+
+__all__ = [
+    "SECRET_KEYS",
+    "Checksum",
+    "InputFile",
+    "Job",
+    "JobDefinitionError",
+    "OutputFile",
+    "Step",
+    "attempt_nr_of",
+    "check_lfn",
+    "panda_id_of",
+    "parse_job",
+]
 
 #: Keys of the job definition that hold credentials.  They are kept out of logs,
 #: summaries and anything else that leaves the pilot.
 SECRET_KEYS = frozenset(
     {"secrets", "pilotSecrets", "credname", "myproxy", "userProxy", "privateKey", "publicKey"}
 )
-
-_MAX_LFN_LENGTH = 255
-_UNSET = ("", "NULL", "None")
-
-
-class JobDefinitionError(PilotError):
-    """A job definition that cannot be run; ``field`` names the culprit."""
-
-    def __init__(self, code: ErrorCode, field_name: str, message: str) -> None:
-        super().__init__(code, f"job definition field {field_name!r}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True)
@@ -110,9 +116,16 @@ class OutputFile:
 
 @dataclass(frozen=True)
 class Job:
+    """A job as ``parse_job`` builds it: every field checked, the derived ones computed once."""
+
     panda_id: int
     transformation: str
+    #: The job parameters exactly as the server sent them.
     job_pars: str = ""
+    #: What the payload gets: ``job_pars`` without the pilot's ``--containerImage`` option.
+    payload_args: str = ""
+    #: The payload's image: ``--containerImage`` in ``jobPars``, else ``container_name``.
+    container_image: str | None = None
     attempt_nr: int | None = None
     task_id: int | None = None
     jobset_id: int | None = None
@@ -134,6 +147,10 @@ class Job:
     outputs: tuple[OutputFile, ...] = ()
     log: OutputFile | None = None
     flags: frozenset[str] = frozenset()
+    #: ``preprocess``/``coprocess``/``postprocess`` by name (only those the job has).
+    steps: Mapping[str, Step] = field(default_factory=dict)
+    #: The user's own secrets (``secrets``), for the payload only; never logged.
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def flag(self, name: str) -> bool:
@@ -149,96 +166,11 @@ class Job:
         return {k: v for k, v in self.raw.items() if k not in SECRET_KEYS}
 
 
-def _text(raw: Mapping[str, Any], key: str) -> str:
-    value = raw.get(key)
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return "" if value in ("NULL", "None") else value
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int | float):
-        return str(value)
-    raise JobDefinitionError(
-        ErrorCode.CONVERSIONFAILURE, key, f"expected a string, got {type(value).__name__}"
-    )
-
-
-def _integer(raw: Mapping[str, Any], key: str, *, required: bool = False) -> int | None:
-    value = raw.get(key)
-    if value is None or (isinstance(value, str) and value.strip() in _UNSET):
-        if required:
-            raise JobDefinitionError(ErrorCode.NOTDEFINED, key, "missing")
-        return None
-    if isinstance(value, bool):
-        raise JobDefinitionError(ErrorCode.CONVERSIONFAILURE, key, f"expected an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    raise JobDefinitionError(ErrorCode.CONVERSIONFAILURE, key, f"expected an integer, got {value!r}")
-
-
-def _listing(raw: Mapping[str, Any], key: str) -> list[str]:
-    """A comma-joined per-file list; unset entries become empty strings."""
-    value = raw.get(key)
-    if value is None:
-        return []
-    if isinstance(value, list):
-        items = [str(v) if v is not None else "" for v in value]
-    elif isinstance(value, str):
-        if value in _UNSET:
-            return []
-        items = value.split(",")
-    else:
-        raise JobDefinitionError(
-            ErrorCode.CONVERSIONFAILURE, key, f"expected a comma-separated list, got {value!r}"
-        )
-    return ["" if item.strip() in _UNSET else item.strip() for item in items]
-
-
-def _aligned(raw: Mapping[str, Any], key: str, base_key: str, count: int) -> list[str]:
-    """A per-file list that must be empty or exactly as long as ``base_key``'s."""
-    items = _listing(raw, key)
-    if not items or not any(items):
-        return [""] * count
-    if len(items) != count:
-        raise JobDefinitionError(
-            ErrorCode.NOTSAMELENGTH, key, f"has {len(items)} entries but {base_key!r} has {count}"
-        )
-    return items
-
-
-def check_lfn(lfn: str, field_name: str, code: ErrorCode) -> str:
-    """Reject a file name that could escape the work directory or confuse a tool.
-
-    LFNs become file names in the job's work directory and arguments of copytools
-    and tar: no path separators, no ``.``/``..``, no NUL or control characters, no
-    leading ``-`` (it would read as an option), at most 255 characters.
-    """
-    if len(lfn) > _MAX_LFN_LENGTH:
-        raise JobDefinitionError(
-            ErrorCode.LFNTOOLONG, field_name, f"LFN longer than {_MAX_LFN_LENGTH} characters"
-        )
-    if (
-        not lfn
-        or lfn in (".", "..")
-        or "/" in lfn
-        or "\\" in lfn
-        or lfn.startswith("-")
-        or any(ord(c) < 32 or ord(c) == 127 for c in lfn)
-    ):
-        raise JobDefinitionError(code, field_name, f"unsafe file name {lfn!r}")
-    return lfn
-
-
 def _parse_inputs(raw: Mapping[str, Any]) -> tuple[InputFile, ...]:
-    lfns = _listing(raw, "inFiles")
+    lfns = listing(raw, "inFiles", checked=False)
     n = len(lfns)
     columns = {
-        key: _aligned(raw, key, "inFiles", n)
+        key: aligned(raw, key, "inFiles", n)
         for key in (
             "GUID",
             "fsize",
@@ -259,15 +191,18 @@ def _parse_inputs(raw: Mapping[str, Any]) -> tuple[InputFile, ...]:
             continue
         seen.add(lfn)
         check_lfn(lfn, f"inFiles[{i}]", ErrorCode.STAGEINFAILED)
+        scope = columns["scopeIn"][i]
+        if scope:
+            check_scope(scope, f"scopeIn[{i}]")
         size_text = columns["fsize"][i]
-        size = _integer({f"fsize[{i}]": size_text}, f"fsize[{i}]")
+        size = integer({f"fsize[{i}]": size_text}, f"fsize[{i}]")
         if size is not None and size < 0:
             raise JobDefinitionError(ErrorCode.CONVERSIONFAILURE, f"fsize[{i}]", f"negative size {size}")
         checksum_text = columns["checksum"][i]
         files.append(
             InputFile(
                 lfn=lfn,
-                scope=columns["scopeIn"][i],
+                scope=scope,
                 guid=columns["GUID"][i],
                 size=size,
                 checksum=Checksum.parse(checksum_text, f"checksum[{i}]") if checksum_text else None,
@@ -287,8 +222,13 @@ def _output_scopes(raw: Mapping[str, Any], lfns: Sequence[str], log_lfn: str) ->
 
     Some servers list a scope for every entry of ``outFiles`` instead; both are accepted.
     """
-    scopes = _listing(raw, "scopeOut")
-    log_scope = _text(raw, "scopeLog")
+    scopes = listing(raw, "scopeOut")
+    for index, scope in enumerate(scopes):
+        if scope:
+            check_scope(scope, f"scopeOut[{index}]")
+    log_scope = text(raw, "scopeLog")
+    if log_scope:
+        check_scope(log_scope, "scopeLog")
     non_log = [lfn for lfn in lfns if lfn != log_lfn]
     if not scopes:
         return [log_scope if lfn == log_lfn else "" for lfn in lfns]
@@ -305,13 +245,13 @@ def _output_scopes(raw: Mapping[str, Any], lfns: Sequence[str], log_lfn: str) ->
 
 
 def _parse_outputs(raw: Mapping[str, Any]) -> tuple[tuple[OutputFile, ...], OutputFile | None]:
-    lfns = _listing(raw, "outFiles")
-    log_lfn = _text(raw, "logFile")
+    lfns = listing(raw, "outFiles", checked=False)
+    log_lfn = text(raw, "logFile", checked=False)
     if log_lfn:
         check_lfn(log_lfn, "logFile", ErrorCode.BADOUTPUTFILENAME)
     n = len(lfns)
     columns = {
-        key: _aligned(raw, key, "outFiles", n)
+        key: aligned(raw, key, "outFiles", n)
         for key in (
             "realDatasets",
             "destinationDblock",
@@ -342,60 +282,79 @@ def _parse_outputs(raw: Mapping[str, Any]) -> tuple[tuple[OutputFile, ...], Outp
             ddm_endpoint=columns["ddmEndPointOut"][i],
             destination_se=columns["fileDestinationSE"][i],
             is_log=lfn == log_lfn,
-            guid=_text(raw, "logGUID") if lfn == log_lfn else "",
+            guid=text(raw, "logGUID") if lfn == log_lfn else "",
         )
         if spec.is_log:
             log = spec
         else:
             outputs.append(spec)
     if log_lfn and log is None:
-        log = OutputFile(lfn=log_lfn, scope=_text(raw, "scopeLog"), is_log=True, guid=_text(raw, "logGUID"))
+        log = OutputFile(lfn=log_lfn, scope=text(raw, "scopeLog"), is_log=True, guid=text(raw, "logGUID"))
     return tuple(outputs), log
 
 
 def parse_job(raw: Mapping[str, Any]) -> Job:
-    """Build a Job from the server's job dictionary, or raise JobDefinitionError."""
+    """Build a Job from the server's job dictionary, or raise JobDefinitionError.
+
+    The whole definition is checked here, before a work directory exists or anything
+    runs: what would fail later (a command too long to execute, a NUL in a string, a
+    malformed step, secret or scope) fails now, as a definition error naming the field.
+    """
     if not isinstance(raw, Mapping):
         raise JobDefinitionError(ErrorCode.CONVERSIONFAILURE, "<job>", "the job definition is not an object")
-    panda_id = _integer(raw, "PandaID", required=True)
+    panda_id = integer(raw, "PandaID", required=True)
     assert panda_id is not None
     if panda_id <= 0:
         raise JobDefinitionError(
             ErrorCode.CONVERSIONFAILURE, "PandaID", f"not a positive integer: {panda_id}"
         )
-    transformation = _text(raw, "transformation").strip()
+    transformation = text(raw, "transformation").strip()
     if not transformation:
         raise JobDefinitionError(ErrorCode.NOTDEFINED, "transformation", "missing")
-    core_count = _integer(raw, "coreCount") or 1
+    job_pars = text(raw, "jobPars")
+    check_command_size(transformation, job_pars)  # before anything reads the whole text
+    parameters = split_parameters(job_pars)
+    container_name = text(raw, "container_name").strip()
+    if container_name.upper() in ("NULL", "NONE"):
+        container_name = ""
+    image = parameters.image or (check_image(container_name, "container_name") if container_name else None)
+    core_count = integer(raw, "coreCount") or 1
     outputs, log = _parse_outputs(raw)
+    user_proxy = raw.get("userProxy")
+    if user_proxy is not None and not isinstance(user_proxy, str):
+        raise JobDefinitionError(ErrorCode.CONVERSIONFAILURE, "userProxy", "expected PEM text")
     flags = frozenset(
         key for key, value in raw.items() if value is True or (isinstance(value, str) and value == "True")
     )
     return Job(
         panda_id=panda_id,
         transformation=transformation,
-        job_pars=_text(raw, "jobPars"),
-        attempt_nr=_integer(raw, "attemptNr"),
-        task_id=_integer(raw, "taskID"),
-        jobset_id=_integer(raw, "jobsetID"),
-        job_name=_text(raw, "jobName"),
-        job_definition_id=_integer(raw, "jobDefinitionID"),
-        label=_text(raw, "prodSourceLabel"),
-        swrelease=_text(raw, "swRelease"),
-        homepackage=_text(raw, "homepackage"),
-        cmtconfig=_text(raw, "cmtConfig"),
-        processing_type=_text(raw, "processingType"),
-        transfer_type=_text(raw, "transferType"),
-        resource_type=_text(raw, "resource_type"),
+        job_pars=job_pars,
+        payload_args=parameters.payload_args,
+        container_image=image,
+        attempt_nr=integer(raw, "attemptNr"),
+        task_id=integer(raw, "taskID"),
+        jobset_id=integer(raw, "jobsetID"),
+        job_name=text(raw, "jobName"),
+        job_definition_id=integer(raw, "jobDefinitionID"),
+        label=text(raw, "prodSourceLabel"),
+        swrelease=text(raw, "swRelease"),
+        homepackage=text(raw, "homepackage"),
+        cmtconfig=text(raw, "cmtConfig"),
+        processing_type=text(raw, "processingType"),
+        transfer_type=text(raw, "transferType"),
+        resource_type=text(raw, "resource_type"),
         core_count=max(1, core_count),
-        max_walltime=_integer(raw, "maxWalltime"),
-        min_ram=_integer(raw, "minRamCount"),
-        max_disk=_integer(raw, "maxDiskCount"),
-        max_cpu=_integer(raw, "maxCpuCount"),
+        max_walltime=integer(raw, "maxWalltime"),
+        min_ram=integer(raw, "minRamCount"),
+        max_disk=integer(raw, "maxDiskCount"),
+        max_cpu=integer(raw, "maxCpuCount"),
         inputs=_parse_inputs(raw),
         outputs=outputs,
         log=log,
         flags=flags,
+        steps=parse_steps(raw),
+        secrets=parse_secrets(raw),
         raw=dict(raw),
     )
 
@@ -409,7 +368,7 @@ def panda_id_of(raw: object) -> int | None:
     if not isinstance(raw, Mapping):
         return None
     try:
-        return _integer(raw, "PandaID", required=True)
+        return integer(raw, "PandaID", required=True)
     except JobDefinitionError:
         return None
 
@@ -418,6 +377,6 @@ def attempt_nr_of(raw: object) -> int | None:
     if not isinstance(raw, Mapping):
         return None
     try:
-        return _integer(raw, "attemptNr")
+        return integer(raw, "attemptNr")
     except JobDefinitionError:
         return None

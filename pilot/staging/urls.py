@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from urllib.parse import urlsplit
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-
-_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+from pilot.model.names import valid_scope
 
 
 def check_scope(scope: str, code: ErrorCode) -> str:
-    """A Rucio scope usable in a path: no separators, no ``..``, no leading dot or dash."""
-    if not _SCOPE.fullmatch(scope) or ".." in scope:
+    """A Rucio scope usable in a path: no separators, no ``..``, no leading dot or dash.
+
+    ``parse_job`` already refused other scopes; this guards the paths built here.
+    """
+    if not valid_scope(scope):
         raise PilotError(code, f"unsafe scope {scope!r}")
     return scope
 
@@ -36,10 +37,19 @@ def scheme_of(url: str) -> str:
 
 
 def local_path(url: str) -> str:
-    """The local path of a ``file://`` URL (or a plain path)."""
+    """The local path of a ``file://`` URL (or a plain path), taken literally.
+
+    The pilot's ``file://`` URLs are built by concatenating a protocol's path and a
+    Rucio path, never percent-encoded, so everything after the authority is the
+    path: a ``?`` or ``#`` in it is part of a file name, not a query or a fragment
+    (URL parsing made ``file:///rse/data#1.root`` copy to ``/rse/data``).
+    """
     if "://" not in url:
         return url
-    parts = urlsplit(url)
-    if parts.scheme != "file":
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() != "file":
         raise ValueError(f"not a local URL: {url}")
-    return parts.path
+    host, slash, path = rest.partition("/")
+    if host not in ("", "localhost"):
+        raise ValueError(f"not a local URL (host {host!r}): {url}")
+    return slash + path
