@@ -40,7 +40,8 @@ class IExperiment(Interface):
         """The shell command (run with ``/bin/bash -c`` in ``workdir``) of ``job``'s payload.
 
         ``transformation`` is the job's transformation, already replaced by the
-        path of the downloaded file when it was a URL.  ``job.job_pars`` has shell
+        path of the downloaded file when it was a URL.  ``job.payload_args`` (``jobPars``
+        without ``--containerImage``, which the pilot handles) has shell
         semantics (PanDA's contract).  Nothing pilot-side (credentials, pilot paths)
         may be spliced into the command: pass such things in the environment.
         """

@@ -24,7 +24,8 @@ from pilot.devserver.server import DevServer, start_dev_server
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.experiments.base import BaseExperiment
-from pilot.job.composition import Step, fetch_step, parse_steps
+from pilot.job.composition import fetch_step
+from pilot.model.documents import Step
 from pilot.model.job import Job, parse_job
 from pilot.model.processes import UtilitySpec
 from pilot.monitor.settings import MonitorSettings
@@ -195,22 +196,20 @@ class CompositionTests(TestCase):
 
 class StepTests(SynchronousTestCase):
     def test_parse_steps(self) -> None:
-        parsed = parse_steps(
-            parse_job(
-                {
-                    "PandaID": 1,
-                    "transformation": "t",
-                    "preprocess": {"command": "a", "args": ["x", "y"]},
-                    "postprocess": step("b", "z", ignore_failure="True"),
-                    "coprocess": "NULL",
-                }
-            )
-        )
+        parsed = parse_job(
+            {
+                "PandaID": 1,
+                "transformation": "t",
+                "preprocess": {"command": "a", "args": ["x", "y"]},
+                "postprocess": step("b", "z", ignore_failure="True"),
+                "coprocess": "NULL",
+            }
+        ).steps
         self.assertEqual(parsed["preprocess"], Step("preprocess", "a", "x y"))
         self.assertTrue(parsed["postprocess"].ignore_failure)
         self.assertNotIn("coprocess", parsed)
         with self.assertRaises(PilotError) as raised:
-            parse_steps(parse_job({"PandaID": 1, "transformation": "t", "preprocess": "{bad"}))
+            parse_job({"PandaID": 1, "transformation": "t", "preprocess": "{bad"})
         self.assertEqual(raised.exception.code, ErrorCode.CONVERSIONFAILURE)
 
     def test_url_commands_are_fetched_and_checked(self) -> None:

@@ -21,13 +21,10 @@ in the job summary.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shlex
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
@@ -36,7 +33,7 @@ from twisted.logger import Logger
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.logs import pilot_observer
-from pilot.model.job import Job
+from pilot.model.documents import Step
 from pilot.util.checksum import RunningChecksum
 from pilot.util.threads import ThreadRunner
 
@@ -44,47 +41,6 @@ log = Logger(observer=pilot_observer)
 
 #: Pre-process exit codes that end an HPO loop without an error.
 HPO_LOOP_END = frozenset({160, 161, 162})
-STEPS = ("preprocess", "coprocess", "postprocess")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One of the job's pre/co/post-process commands."""
-
-    name: str
-    command: str
-    args: str = ""
-    ignore_failure: bool = False
-    checksum: str | None = None
-
-    @property
-    def is_url(self) -> bool:
-        return urlsplit(self.command).scheme in ("http", "https")
-
-
-def parse_steps(job: Job) -> dict[str, Step]:
-    """The job's steps by name; a malformed one fails the job before anything runs."""
-    steps: dict[str, Step] = {}
-    for name in STEPS:
-        raw: Any = job.raw.get(name)
-        if raw in (None, "", "NULL", {}, "{}"):
-            continue
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except ValueError:
-                raise PilotError(ErrorCode.CONVERSIONFAILURE, f"{name} is not JSON: {raw[:80]!r}") from None
-        if not isinstance(raw, Mapping) or not isinstance(raw.get("command"), str) or not raw["command"]:
-            raise PilotError(ErrorCode.CONVERSIONFAILURE, f"{name} must be {{command, args}}")
-        args = raw.get("args", "")
-        steps[name] = Step(
-            name=name,
-            command=raw["command"],
-            args=" ".join(args) if isinstance(args, list) else str(args or ""),
-            ignore_failure=str(raw.get("ignore_failure", "")).lower() in ("true", "1", "yes"),
-            checksum=str(raw["checksum"]) if raw.get("checksum") else None,
-        )
-    return steps
 
 
 def _verify(data: bytes, checksum: str) -> str | None:

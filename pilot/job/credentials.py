@@ -15,8 +15,6 @@ import os
 import shutil
 from pathlib import Path
 
-from pilot.errorcodes import ErrorCode
-from pilot.errors import PilotError
 from pilot.model.job import Job
 
 SECRETS_DIR = ".pilot-secrets"
@@ -30,20 +28,15 @@ def _write_private(path: Path, data: str) -> None:
 
 def write_job_credentials(job: Job, workdir: Path) -> dict[str, str]:
     """Write the job's own credentials; the environment variables that point at them."""
-    secrets = job.raw.get("secrets")
     proxy = job.raw.get("userProxy")
     env: dict[str, str] = {}
-    if not secrets and not proxy:
+    if not job.secrets and not proxy:
         return env
     directory = workdir / SECRETS_DIR
     directory.mkdir(mode=0o700, exist_ok=True)
-    if secrets and str(secrets).upper() != "NULL":
-        try:
-            document = json.loads(secrets) if isinstance(secrets, str) else secrets
-        except ValueError:
-            raise PilotError(ErrorCode.CONVERSIONFAILURE, "the job's secrets are not JSON") from None
+    if job.secrets:  # checked by parse_job: an object of strings
         target = directory / "job_secrets.json"
-        _write_private(target, json.dumps(document))
+        _write_private(target, json.dumps(dict(job.secrets)))
         env["PANDA_JOB_SECRETS_FILE"] = str(target)
     if proxy and str(proxy).upper() != "NULL":
         target = directory / "x509_user_proxy"

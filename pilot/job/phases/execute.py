@@ -18,13 +18,14 @@ from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.composition import HPO_LOOP_END, Step, fetch_step, parse_steps, step_argv, step_failure
+from pilot.job.composition import HPO_LOOP_END, fetch_step, step_argv, step_failure
 from pilot.job.context import JobContext
 from pilot.job.credentials import remove_job_credentials, write_job_credentials
 from pilot.job.launcher import ProcessLauncher
 from pilot.job.phases.payload import PayloadRun
 from pilot.job.states import JobPhase
 from pilot.logs import pilot_observer
+from pilot.model.documents import Step
 from pilot.model.processes import ProcessOutcome
 from pilot.process.environment import payload_environment
 from pilot.process.runner import ManagedProcess
@@ -50,7 +51,7 @@ class ExecutePhase:
         workdir, launcher = ctx.workdir, ctx.launcher
         ctx.control.check()
         experiment = env.experiment
-        steps = parse_steps(job)
+        steps = dict(job.steps)  # validated by parse_job
         for name, step in list(steps.items()):
             if step.is_url:
                 refusal = transformation_source_allowed(

@@ -21,11 +21,12 @@ from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError, error_for_signal
-from pilot.job.composition import Step, step_argv
+from pilot.job.composition import step_argv
 from pilot.job.context import JobContext
 from pilot.job.launcher import ProcessLauncher
 from pilot.job.states import JobPhase
 from pilot.logs import pilot_observer
+from pilot.model.documents import Step
 from pilot.model.processes import ProcessRecord
 from pilot.monitor import prmon_output
 from pilot.monitor.payload_analysis import analyse_payload
