@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 Direction = Literal["<=", ">="]
@@ -24,6 +24,12 @@ def report_values(
             verdict = f"  target {direction} {target}: {'PASS' if passed else 'FAIL'}"
         sys.stdout.write(f"  {key:<{width}} {value}{verdict}\n")
     return ok
+
+
+def headline(name: str, values: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """The benchmark's last line: ``NAME key=value ...`` with its headline figures."""
+    figures = " ".join(f"{key}={values[key]}" for key in keys if key in values)
+    sys.stdout.write(f"{name} {figures}\n")
 
 
 def add_targets_flag(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ import psutil
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater, react
 
-from bench.common import add_targets_flag, report_values
+from bench.common import add_targets_flag, headline, report_values
 from pilot.localrun import pilot_arguments, start_dev_server_process, start_pilot_process
 from pilot.monitor.scan import WorkdirScanner
 
@@ -163,6 +163,11 @@ async def main_async(reactor: Any, args: argparse.Namespace) -> None:
     (run_dir.parent / "monitoring.json").write_text(json.dumps(results, indent=1) + "\n")
     sys.stdout.write("bench/monitoring:\n")
     ok = report_values(results, TARGETS, "<=")
+    headline(
+        "monitoring",
+        results,
+        ["pilot_cpu_fraction_percent", "normal_cpu_fraction_percent", "scan_ms_per_pass"],
+    )
     if not ok and args.check_targets:
         raise SystemExit(1)
 

@@ -33,7 +33,7 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
-from bench.common import report_values
+from bench.common import headline, report_values
 from pilot.localrun import run_pilot, start_dev_server_process
 from pilot.process.runner import ManagedProcess
 
@@ -133,6 +133,11 @@ def report(results: dict[str, Any]) -> bool:
         f"bench/overhead: {results['jobs']} jobs of /bin/true through twistd pilot + panda-dev (HTTPS)\n"
     )
     ok = report_values(results, TARGETS, "<=", width=24)
+    headline(
+        "overhead",
+        results,
+        ["median_overhead_s", "pilot_cpu_per_job_s", "peak_rss_mb", "server_calls_per_job"],
+    )
     sys.stdout.write(
         "  (server_calls_per_job excludes the once-per-pilot calls: queuedata, worker node, final no-job request)\n"
     )

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import add_targets_flag, report_values
+from bench.common import add_targets_flag, headline, report_values
 from pilot.monitor.redact import MARK, redact
 from pilot.util.secrets import SecretValues, encodings
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     sys.stdout.write("bench redaction (16 kB tail)\n")
     ok = report_values(results, TARGETS, "<=")
+    headline("redaction", results, ["value_redaction_ms", "redact_with_values_ms", "secrets"])
     run_dir = Path(args.dir).resolve()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     (run_dir.parent / "redaction.json").write_text(json.dumps(results, indent=1))

@@ -32,7 +32,7 @@ from twisted.internet.task import react
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
-from bench.common import add_targets_flag, report_values
+from bench.common import add_targets_flag, headline, report_values
 from pilot.model.job import Checksum
 from pilot.staging.engine import StagingEngine
 from pilot.staging.plan import FileTransfer
@@ -203,6 +203,7 @@ async def main_async(reactor: Any, args: argparse.Namespace) -> None:
     for section, values in results.items():
         sys.stdout.write(f"bench/staging {section}:\n")
         ok = report_values(values, TARGETS, ">=", width=30) and ok
+    headline("staging", {**results["single_file"], **results["many_files"]}, list(TARGETS))
     if not ok and args.check_targets:
         raise SystemExit(1)
 
