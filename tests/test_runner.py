@@ -99,7 +99,8 @@ class RealProcessTests(TestCase):
         await self._assert_gone(pid)
 
     async def test_terminate_reaches_a_child_that_left_the_group(self) -> None:
-        script = "setsid sleep 1000 & echo $! > escaped.pid; sleep 1000"
+        # The escaped process writes its own pid, so it has left the group by the time it is read.
+        script = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 1000' & sleep 1000"
         process = self._process(script, grace=0.3)
         pid = process.start()
         escaped = int(await self._wait_for_file(self.dir / "escaped.pid"))
