@@ -122,10 +122,6 @@ _HARVESTER_FILES = (
 )
 
 
-def _given(values: Mapping[str, Any], name: str) -> bool:
-    return name in values and values[name] is not None
-
-
 def notice(labels: list[str], reason: str) -> str:
     """The one line logged at start for options that do nothing here."""
     if len(labels) == 1:
@@ -137,9 +133,9 @@ def inert_notices(given: Mapping[str, Any]) -> list[str]:
     """Notices for the inert options that were given (converted values), one line per reason."""
     by_reason: dict[str, list[str]] = {}
     for option in INERT:
-        if not _given(given, option.name):
+        value = given.get(option.name)
+        if value is None:
             continue
-        value = given[option.name]
         if (option.kind == "flag" and value is False) or (option.quiet is not None and value == option.quiet):
             continue
         by_reason.setdefault(option.reason, []).append(option.label)
