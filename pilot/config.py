@@ -29,6 +29,21 @@ class KeepWorkdirs(Enum):
 
 
 @dataclass(frozen=True)
+class HarvesterFiles:
+    """Harvester's hand-over files (pilot3's ``--harvester-*`` options), for the Harvester mode.
+
+    txpilot reads none of them yet; they are kept so that a file-based job source and
+    reporter can be added without another round of option plumbing.
+    """
+
+    submit_mode: str = "PULL"
+    workdir: Path | None = None
+    datadir: Path | None = None
+    event_status_dump: Path | None = None
+    worker_attributes: Path | None = None
+
+
+@dataclass(frozen=True)
 class PilotConfig:
     queue: str
     server_url: str
@@ -68,5 +83,20 @@ class PilotConfig:
     #: Run transformations and pre/post-process scripts fetched over plain http without a
     #: sha256 checksum (a site that serves them on a trusted network).
     allow_http_transformations: bool = False
-    #: One-line notices to log at start (options accepted for compatibility that do nothing here...).
+    #: pilot3's version tag (``-i``): the third field of pilotID ("PR", "RC"...).
+    version_tag: str = "PR"
+    #: Job request fields from pilot3's options: jobType, workingGroup, countryGroup,
+    #: allowOtherCountry; empty or False: not sent.
+    job_type: str = ""
+    working_group: str = ""
+    country_group: str = ""
+    allow_other_country: bool = False
+    #: pilot3's --allow-same-user: a multi-job pilot asks for the next job of the same task.
+    allow_same_user: bool = True
+    workflow: str = "generic"
+    #: False when pilot3's ``-z`` asked for file-based reporting (not implemented: see notices).
+    update_server: bool = True
+    harvester: HarvesterFiles = field(default_factory=HarvesterFiles)
+    #: One line each, logged once at start: options accepted for pilot3's wrappers that
+    #: do nothing here, and why.
     notices: tuple[str, ...] = ()

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import treq
 from treq.client import HTTPClient
@@ -41,11 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 INSTALL_HINT = "run .ci/install-services.sh"
 
 
-def missing(what: str) -> None:
+def missing(what: str, hint: str = INSTALL_HINT) -> NoReturn:
     """Fail in CI, skip elsewhere."""
     if os.environ.get("CI"):
-        raise FailTest(f"{what} is required in CI ({INSTALL_HINT})")
-    raise SkipTest(f"{what} is not available ({INSTALL_HINT})")
+        raise FailTest(f"{what} is required in CI ({hint})")
+    raise SkipTest(f"{what} is not available ({hint})")
 
 
 def require_tool(name: str) -> str:
@@ -54,6 +54,20 @@ def require_tool(name: str) -> str:
         missing(name)
     assert found is not None
     return found
+
+
+def require_bubblewrap() -> str:
+    """``bwrap``, installed and usable here (root, setuid, or user namespaces allowed).
+
+    The one check, and so the one skip message, of every bubblewrap test.
+    """
+    from pilot.container.bubblewrap import BubblewrapRuntime
+
+    path = shutil.which("bwrap")
+    if path is None or not BubblewrapRuntime().available(os.environ):
+        missing("bubblewrap (a usable bwrap)")
+    assert path is not None
+    return path
 
 
 def http() -> HTTPClient:

@@ -26,8 +26,9 @@ from pilot.model.credentials import Credentials
 from pilot.monitor.settings import MonitorSettings
 from pilot.staging.urls import rucio_path
 
+from .events import exists, file_ready
 from .harness import file_storage, pilot_service, run_to_end
-from .services import require_tool
+from .services import require_bubblewrap
 
 reactor: Any = _reactor
 QUEUE = "BWRAP_QUEUE"
@@ -41,7 +42,7 @@ class BubblewrapJobTests(TestCase):
     timeout = 120
 
     async def test_job_in_bubblewrap(self) -> None:
-        require_tool("bwrap")
+        require_bubblewrap()
         base = Path(self.mktemp()).absolute()
         storage = base / "SITE"
         storage.mkdir(parents=True)
@@ -191,9 +192,7 @@ class BubblewrapStopTests(TestCase):
     timeout = 60
 
     async def test_sigterm_reaches_the_payload_and_it_cleans_up(self) -> None:
-        require_tool("bwrap")
-        from twisted.internet.task import deferLater
-
+        require_bubblewrap()
         from pilot.container.bubblewrap import BubblewrapRuntime
         from pilot.container.spec import ContainerSpec
         from pilot.process.runner import ManagedProcess
@@ -212,10 +211,7 @@ class BubblewrapStopTests(TestCase):
             stderr=workdir / "err", kill_grace=20.0, soft_stop_depth=launch.shield_levels,
         )  # fmt: skip
         process.start()
-        for _ in range(200):
-            if (workdir / "started").exists():
-                break
-            await deferLater(reactor, 0.02, lambda: None)
+        await file_ready(workdir / "started", ready=exists, timeout=20.0, unless=process.wait())
         outcome = await process.terminate("test")
         self.assertEqual((workdir / "cleanup.txt").read_text(), "cleaned up\n", "the trap ran")
         self.assertEqual(outcome.exit_code, 3, "the payload's own exit status, not a SIGKILL")
@@ -228,7 +224,7 @@ class BubblewrapStagingTests(TestCase):
     timeout = 120
 
     async def test_stage_in_and_out_in_bubblewrap(self) -> None:
-        require_tool("bwrap")
+        require_bubblewrap()
         base = Path(self.mktemp()).absolute()
         storage = base / "SITE"
         data = b"input for a contained copytool\n"

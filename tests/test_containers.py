@@ -1,8 +1,8 @@
 """Container runtimes: real bubblewrap sandboxes; apptainer argv, and runs through a CLI stand-in.
 
-The bubblewrap tests run real ``bwrap`` (Debian: ``apt-get install bubblewrap``): they
-are skipped locally when it is missing, but in CI (``CI`` set and not 0/false/no)
-a missing bwrap fails them.  Apptainer cannot be installed here, so its launches are
+The bubblewrap tests run real ``bwrap`` (``.ci/install-services.sh`` installs it): like
+every other tool of the tests, it skips them locally when missing and fails them in CI
+(``tests.services.require_bubblewrap``).  Apptainer cannot be installed here, so its launches are
 checked word for word, then run through ``tests/data/apptainer-standin``, a stand-in
 that parses apptainer's ``exec`` command line and environment like apptainer does and
 runs the command without isolation.
@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import uuid
 from collections.abc import Sequence
@@ -21,9 +22,8 @@ from pathlib import Path
 
 import psutil
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from pilot.container.apptainer import ApptainerRuntime
@@ -33,12 +33,11 @@ from pilot.container.registry import runtime_named, runtimes
 from pilot.container.spec import SYSTEM_TREES, Bind, ContainerSpec, Launch
 from pilot.process.runner import ManagedProcess
 
+from .events import file_ready, processes_gone
+from .services import require_bubblewrap
+
 STANDIN = Path(__file__).parent / "data" / "apptainer-standin"
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _executable(directory: Path, name: str, script: Path | None = None) -> Path:
@@ -210,18 +209,24 @@ class BubblewrapArgvTests(SynchronousTestCase):
         with self.assertRaises(FileNotFoundError):
             runtime.wrap(self._spec(), {"PATH": str(self.layout.root)})
         self.assertFalse(runtime.available({"PATH": str(self.layout.root)}))
-        self.assertTrue(runtime.available(self.environ) or os.geteuid() != 0)
+
+    def test_available_without_user_namespaces_when_setuid_or_root(self) -> None:
+        """A setuid bwrap, or any bwrap run by root, needs no user namespaces: it is available."""
+        runtime = BubblewrapRuntime()
+        self.bwrap.chmod(0o4755)
+        self.assertTrue(self.bwrap.stat().st_mode & stat.S_ISUID, "the file system kept the setuid bit")
+        self.assertTrue(runtime.available(self.environ), "a setuid bwrap")
+        self.bwrap.chmod(0o755)
+        if os.geteuid() == 0:  # CI runs as root
+            self.assertTrue(runtime.available(self.environ), "root")
 
 
 class BubblewrapSandboxTests(TestCase):
     """Real bwrap sandboxes."""
 
     def setUp(self) -> None:
+        require_bubblewrap()
         self.runtime = BubblewrapRuntime()
-        if not self.runtime.available(os.environ):
-            if _in_ci():
-                self.fail("bubblewrap is required in CI (apt-get install bubblewrap), but bwrap is unusable")
-            raise SkipTest("bubblewrap is not installed or unusable here: apt-get install bubblewrap")
         self.layout = _Layout(Path(self.mktemp()))
 
     def _spec(self, script: str, **overrides: object) -> ContainerSpec:
@@ -351,10 +356,7 @@ class BubblewrapSandboxTests(TestCase):
             name="sandboxed sleeper",
         )
         process.start()
-        for _ in range(500):
-            if (self.layout.work / "started").exists():
-                break
-            await deferLater(reactor, 0.01, lambda: None)
+        await file_ready(self.layout.work / "started", timeout=10.0, unless=process.wait())
         shells = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[:1] == ["/bin/sh"]]
         shells = [p for p in shells if marker in p.info["cmdline"]]
         self.assertEqual(len(shells), 1, "the sandboxed shell is running")
@@ -363,18 +365,7 @@ class BubblewrapSandboxTests(TestCase):
         return process, payload
 
     async def _assert_all_gone(self, pids: set[int]) -> None:
-        for _ in range(500):
-            alive = set()
-            for pid in pids:
-                try:
-                    if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                        alive.add(pid)
-                except psutil.NoSuchProcess:
-                    pass
-            if not alive:
-                return
-            await deferLater(reactor, 0.01, lambda: None)
-        self.fail(f"sandboxed processes survived: {sorted(alive)}")
+        await processes_gone(pids, timeout=10.0)
 
     async def test_terminating_the_launcher_ends_the_sandboxed_payload(self) -> None:
         process, payload = await self._start_sleeper()

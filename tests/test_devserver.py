@@ -24,7 +24,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
-from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
@@ -40,6 +39,8 @@ from pilot.devserver.jobdef import JobDefinitionError, normalise_job, render_job
 from pilot.devserver.pki import PROXY_CERT_INFO_OID, generate_pki, subject_hash
 from pilot.devserver.server import DevServer, start_dev_server
 from pilot.localrun import child_environment
+
+from .events import ProcessEndedFirst, exists, file_ready
 
 reactor: Any = _reactor
 SAMPLES = Path("/work/shared/reference/samples")
@@ -1220,11 +1221,10 @@ class TwistdTests(DevServerCase):
             process, sys.executable, [sys.executable, *args], env=child_environment(), path=str(base)
         )
         try:
-            for _ in range(200):
-                if ready.exists() or process.ended.called:
-                    break
-                await deferLater(reactor, 0.1)
-            self.assertTrue(ready.exists(), process.output.decode())
+            try:
+                await file_ready(ready, ready=exists, timeout=20.0, unless=process.ended)
+            except ProcessEndedFirst:
+                self.fail(process.output.decode())
             info = json.loads(ready.read_text())
             self.assertEqual(info["client_proxy"], str(base / "state" / "pki" / "x509up"))
             pool = HTTPConnectionPool(reactor)

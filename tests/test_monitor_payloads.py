@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.logger import LogEvent
 from twisted.trial.unittest import TestCase
 
 from pilot.config import KeepWorkdirs
@@ -24,6 +24,7 @@ from pilot.errorcodes import ErrorCode
 from pilot.monitor.settings import MonitorSettings
 from pilot.service import PilotService
 
+from .events import log_event
 from .harness import bash_job, mount_small_tmpfs, pilot_service, run_to_end
 
 reactor: Any = _reactor
@@ -50,6 +51,11 @@ def update_params(view: dict[str, object]) -> list[dict[str, Any]]:
     updates = view["updates"]
     assert isinstance(updates, list)
     return [u["params"] for u in updates]
+
+
+def accepted_running(event: LogEvent) -> bool:
+    """The pilot's event for a ``running`` update (or heartbeat) the server accepted."""
+    return bool(event.get("event") == "job.update" and event.get("state") == "running")
 
 
 def final_param(view: dict[str, object], name: str) -> int:
@@ -186,20 +192,20 @@ class DebugModeTests(TestCase):
             server, QUEUE, base / "pilot", monitor=MonitorSettings(**FAST), getjob_requests=1,
             heartbeat_period=0.3, debug_heartbeat_period=0.2,
         )  # fmt: skip
+        running = log_event(accepted_running)
         service.startService()
-        stdouts: list[str] = []
-        for _ in range(400):
-            view = await server.job(panda_id)
-            if view["jobStatus"] == "running":
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await running
+        self.assertEqual((await server.job(panda_id))["jobStatus"], "running")
+        debug_on = log_event(lambda event: event.get("event") == "job.heartbeat_period")
         await server.set_debug(panda_id)
-        for _ in range(400):
+        await debug_on
+        stdouts: list[str] = []
+        for _ in range(3):  # look after each accepted heartbeat; the first debug one has the tail
+            await log_event(accepted_running)
             view = await server.job(panda_id)
             stdouts = [str(p["stdout"]) for p in update_params(view) if p.get("stdout")]
             if stdouts:
                 break
-            await deferLater(reactor, 0.05, lambda: None)
         assert service.pilot_dir is not None
         status = json.loads((service.pilot_dir / "pilot_status.json").read_text())
         await server.set_command(panda_id, "tobekilled")

@@ -10,20 +10,14 @@ from pathlib import Path
 import psutil
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pilot.model.processes import ProcessOutcome
 from pilot.process.runner import ManagedProcess
 
+from .events import file_ready, processes_gone
 from .fakes import FakeProcessControl, FakeSpawner
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 class RealProcessTests(TestCase):
@@ -47,21 +41,11 @@ class RealProcessTests(TestCase):
         )
 
     async def _wait_for_file(self, path: Path, limit: float = 10.0) -> str:
-        waited = 0.0
-        while not (path.exists() and path.read_text().strip()):
-            if waited > limit:
-                self.fail(f"{path} never appeared")
-            await deferLater(reactor, 0.02, lambda: None)
-            waited += 0.02
+        await file_ready(path, timeout=limit)
         return path.read_text().strip()
 
     async def _assert_gone(self, pid: int, limit: float = 10.0) -> None:
-        waited = 0.0
-        while not _gone(pid):
-            if waited > limit:
-                self.fail(f"process {pid} survived")
-            await deferLater(reactor, 0.02, lambda: None)
-            waited += 0.02
+        await processes_gone([pid], timeout=limit)
 
     async def test_exit_codes(self) -> None:
         for code in (0, 3, 255):
@@ -115,7 +99,8 @@ class RealProcessTests(TestCase):
         await self._assert_gone(pid)
 
     async def test_terminate_reaches_a_child_that_left_the_group(self) -> None:
-        script = "setsid sleep 1000 & echo $! > escaped.pid; sleep 1000"
+        # The escaped process writes its own pid, so it has left the group by the time it is read.
+        script = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 1000' & sleep 1000"
         process = self._process(script, grace=0.3)
         pid = process.start()
         escaped = int(await self._wait_for_file(self.dir / "escaped.pid"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from .services import FakeGCSServer, MotoServer, RucioServer, XRootDServer, require_tool, run
+from .services import FakeGCSServer, MotoServer, RucioServer, XRootDServer, http, require_tool, run
 
 
 class ServiceSmokeTests(TestCase):
@@ -46,9 +47,23 @@ class ServiceSmokeTests(TestCase):
         self.assertEqual(body, b"v")
 
     async def test_fake_gcs(self) -> None:
+        """A bucket, an object uploaded through the JSON API, read back and found on disk."""
         server = await FakeGCSServer.start(Path(self.mktemp()).absolute())
         self.addCleanup(server.stop)
         await server.create_bucket("smoke")
+        client = http()
+        bucket = await client.get(f"{server.url}/storage/v1/b/smoke")
+        self.assertEqual((bucket.code, json.loads(await bucket.content())["name"]), (200, "smoke"))
+        data = os.urandom(10_000)
+        upload = await client.post(
+            f"{server.url}/upload/storage/v1/b/smoke/o",
+            params={"uploadType": "media", "name": "k"},
+            data=data,
+        )
+        self.assertEqual((upload.code, json.loads(await upload.content())["size"]), (200, str(len(data))))
+        body = await client.get(f"{server.url}/storage/v1/b/smoke/o/k", params={"alt": "media"})
+        self.assertEqual((body.code, await body.content()), (200, data))
+        self.assertEqual((server.directory / "root" / "smoke" / "k").read_bytes(), data)
 
     async def test_rucio(self) -> None:
         base = Path(self.mktemp()).absolute()
