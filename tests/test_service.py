@@ -474,6 +474,17 @@ class FirstRunTests(SynchronousTestCase):
         h.start()
         self.assertEqual(len([e for e in events if e.get("event") == "pilot.no_queuedata"]), 1)
 
+    def test_wrapper_options_reach_the_log_the_request_and_the_pilot_id(self) -> None:
+        events = self.events()
+        notice = "option -b/--nocvmfs has no effect in txpilot: it does not check CVMFS"
+        h = ServiceHarness(self, notices=(notice,), version_tag="RC", job_type="user", working_group="AP_X")
+        h.server.jobs.append(job(131))
+        h.start()
+        self.assertEqual([e["notice"] for e in events if e.get("event") == "pilot.notice"], [notice])
+        request = h.server.acquires()[0].params
+        self.assertEqual(request["job_type"], "user")
+        self.assertIn("|RC|txpilot-", h.server.updates(131)[0]["pilot_id"])
+
     def test_lifetime_within_the_margin_asks_nothing_and_leaves_nothing(self) -> None:
         threads = QueuedThreads()
         h = ServiceHarness(self, lifetime=100.0, lifetime_margin=180.0, in_thread=threads)

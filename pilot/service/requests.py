@@ -55,6 +55,8 @@ def job_request(
         memory=memory_mb,
         cpu=frequency,
         resource_type=config.resource_type or None,
+        job_type=config.job_type or None,
+        working_group=config.working_group or None,
         harvester_id=config.harvester_id or None,
         worker_id=config.worker_id,
         remaining_time=int(max(0.0, remaining)),
@@ -62,10 +64,10 @@ def job_request(
 
 
 def pilot_identity(config: PilotConfig, queuedata: QueueData, environ: Mapping[str, str]) -> PilotIdentity:
-    """Who reports: ``pilotID`` is ``<GTAG or node:pid>|<batch system>|PR|txpilot-<version>``."""
+    """Who reports: ``pilotID`` is ``<GTAG or node:pid>|<batch system>|<version tag>|txpilot-<version>``."""
     source = environ.get("GTAG") or f"{config.node}:{os.getpid()}"
     batch = "SLURM" if "SLURM_JOB_ID" in environ else ("CONDOR" if "_CONDOR_JOB_AD" in environ else "")
-    pilot_id = "|".join(p for p in (source, batch, "PR", f"txpilot-{__version__}") if p)
+    pilot_id = "|".join(p for p in (source, batch, config.version_tag, f"txpilot-{__version__}") if p)
     return PilotIdentity(
         site_name=queuedata.resource,
         node=config.node,
