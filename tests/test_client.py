@@ -419,7 +419,10 @@ class RetryTests(SynchronousTestCase):
         client = client_for(self.server, self.clock, ApiMode.V1)
         failure = self.failureResultOf(run(client.acquire_job(REQUEST)), ServerRefused)
         self.assertNotIsInstance(failure.value, MethodNotFound)
-        self.assertIn("Token authentication failed", str(failure.value))
+        self.assertEqual(
+            str(failure.value),
+            f"{BASE}/api/v1/pilot/acquire_jobs: HTTP 403 Forbidden: token authentication failed",
+        )
 
     def test_timeout_of_an_update_is_retried(self) -> None:
         hanging = _Hanging()
@@ -482,6 +485,6 @@ class FallbackTests(SynchronousTestCase):
 
     def test_timeout_error_type(self) -> None:
         # The client maps Deferred time-outs to a readable reason.
-        from pilot.server.client import _describe
+        from pilot.server.client import describe
 
-        self.assertEqual(_describe(TimeoutError()), "no reply within the time-out")
+        self.assertEqual(describe(TimeoutError()), "no reply within the time-out")
