@@ -270,8 +270,8 @@ class _Observed(ProtocolWrapper):
         explained = self._explain(reason)
         if self._tls and self._confirmed and not reason.check(SSL.Error, VerificationError):
             keep_resumable(self.transport.getHandle())  # type: ignore[union-attr]
-        self.factory.owner._connection_closed()
         super().connectionLost(explained)  # type: ignore[no-untyped-call]
+        self.factory.owner._connection_closed()  # after the pool has forgotten the connection
 
     def _explain(self, reason: Failure) -> Failure:
         if self._tls and not self._confirmed:
