@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -46,8 +46,9 @@ ONCE = RetryPolicy(attempts=1, initial=0.0, jitter=lambda: 0.0)
 
 def record_events(test: TestCase) -> list[LogEvent]:
     events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
 
 
@@ -122,8 +123,8 @@ class DevServerConnectionTests(TestCase):
                 # resume the test after the client has scheduled its retry on the clock
                 reactor.callLater(0, retrying.callback, event)
 
-        globalLogPublisher.addObserver(watch)
-        self.addCleanup(globalLogPublisher.removeObserver, watch)
+        globalLogPublisher.addObserver(cast(ILogObserver, watch))
+        self.addCleanup(globalLogPublisher.removeObserver, cast(ILogObserver, watch))
         clock = Clock()
         client = PandaClient(
             connection.http,
