@@ -536,7 +536,11 @@ class HostileReplyTests(SynchronousTestCase):
         body = json.dumps({"success": False, "message": message, "data": None}).encode()
         self.server.scripted.append(Scripted(502, body, "application/json"))
         client = PandaClient(
-            StubTreq(self.server), BASE, self.clock, api=ApiMode.V1, retry=RetryPolicy(attempts=1)
+            StubTreq(self.server),  # type: ignore[arg-type]
+            BASE,
+            self.clock,
+            api=ApiMode.V1,
+            retry=RetryPolicy(attempts=1),
         )
         failure = self.failureResultOf(run(client.update_job(JobUpdate(job_id=1, state="running"))))
         text = str(failure.value)

@@ -94,11 +94,15 @@ class _Streaming(Resource):
         if self.sent >= 4 * MiB and not self.reached.called:
             self.reached.callback(None)
 
+    def _finished(self, result: object) -> None:
+        if not self.gone.called:
+            self.gone.callback(None)
+
     def render(self, request: Request) -> int:
         request.setHeader(b"content-type", self.content_type)
         if self.declare:
             request.setHeader(b"content-length", str(self.size).encode())
-        request.notifyFinish().addBoth(lambda _: self.gone.called or self.gone.callback(None))
+        request.notifyFinish().addBoth(self._finished)
         request.registerProducer(_LazyBody(request, self.size, self), False)
         return NOT_DONE_YET
 
