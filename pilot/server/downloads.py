@@ -27,7 +27,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,9 +90,14 @@ class _Shared:
     def __init__(self, work: Deferred[_Entry]) -> None:
         self._work = work
         self._waiters: list[Deferred[_Entry]] = []
+        self._result: _Entry | Failure | None = None
         work.addBoth(self._done)
 
     def wait(self) -> Deferred[_Entry]:
+        if isinstance(self._result, Failure):
+            return fail(self._result)
+        if self._result is not None:  # the work finished at once (everything was at hand)
+            return succeed(self._result)
         waiter: Deferred[_Entry] = Deferred(self._leave)
         self._waiters.append(waiter)
         return waiter
@@ -103,6 +108,7 @@ class _Shared:
             self._work.cancel()
 
     def _done(self, result: _Entry | Failure) -> None:
+        self._result = result
         waiting, self._waiters = self._waiters, []
         for waiter in waiting:
             if isinstance(result, Failure):
