@@ -36,20 +36,13 @@ from pilot.server.connection import ServerConnection
 from pilot.server.tls import PilotTLSPolicy
 
 from .harness import bash_job
+from .test_client import capture
 
 reactor: Any = _reactor
 
 QUEUE = "CONN_QUEUE"
 REQUEST = JobRequest(site_name=QUEUE, computing_element=QUEUE, prod_source_label="managed", node="wn1")
 ONCE = RetryPolicy(attempts=1, initial=0.0, jitter=lambda: 0.0)
-
-
-def record_events(test: TestCase) -> list[LogEvent]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    test.addCleanup(globalLogPublisher.removeObserver, observer)
-    return events
 
 
 class DevServerConnectionTests(TestCase):
@@ -102,7 +95,7 @@ class DevServerConnectionTests(TestCase):
     async def test_no_factory_chatter(self) -> None:
         """Connections opened by ServerConnection log no "Starting/Stopping factory" lines."""
         server = await self.server()
-        events = record_events(self)
+        events = capture(self)
         connection = self.connection(Credentials(cacert=server.pki.ca_cert, proxy=server.pki.client_proxy))
         await self.client(server, connection).update_job(JobUpdate(job_id=1, state="running"))
         await connection.close()
