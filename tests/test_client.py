@@ -5,11 +5,12 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -419,7 +420,10 @@ class RetryTests(SynchronousTestCase):
         client = client_for(self.server, self.clock, ApiMode.V1)
         failure = self.failureResultOf(run(client.acquire_job(REQUEST)), ServerRefused)
         self.assertNotIsInstance(failure.value, MethodNotFound)
-        self.assertIn("Token authentication failed", str(failure.value))
+        self.assertEqual(
+            str(failure.value),
+            f"{BASE}/api/v1/pilot/acquire_jobs: HTTP 403 Forbidden: token authentication failed",
+        )
 
     def test_timeout_of_an_update_is_retried(self) -> None:
         hanging = _Hanging()
@@ -482,6 +486,90 @@ class FallbackTests(SynchronousTestCase):
 
     def test_timeout_error_type(self) -> None:
         # The client maps Deferred time-outs to a readable reason.
-        from pilot.server.client import _describe
+        from pilot.server.client import describe
 
-        self.assertEqual(_describe(TimeoutError()), "no reply within the time-out")
+        self.assertEqual(describe(TimeoutError()), "no reply within the time-out")
+
+
+class HostileReplyTests(SynchronousTestCase):
+    """Replies built to crash or flood the pilot, and what the messages may show."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server = ScriptedPanda(self.clock)
+
+    def test_deeply_nested_reply_is_a_protocol_error(self) -> None:
+        """100,000 levels of nesting raised RecursionError past every handler (exit 70)."""
+        deep = b"[" * 100_000
+        cases = [
+            (ApiMode.V1, deep),
+            (ApiMode.V1, b'{"success": true, "message": "", "data": ' + b'{"a": ' * 100_000),
+            (ApiMode.LEGACY, b'{"StatusCode": 0, "jobs": ' + deep),
+            (ApiMode.LEGACY, json.dumps({"StatusCode": "0", "jobs": "[" * 100_000}).encode()),
+        ]
+        for api, body in cases:
+            server = ScriptedPanda(self.clock)
+            server.scripted.append(Scripted(200, body, "application/json"))
+            failure = self.failureResultOf(
+                run(client_for(server, self.clock, api).acquire_job(REQUEST)), ServerProtocolError
+            )
+            self.assertIn("nested too deeply", str(failure.value))
+            self.assertEqual(len(server.calls), 1)
+
+    def test_error_bodies_never_quoted(self) -> None:
+        secret = b"Bearer eyJSECRETBODY proxy=-----BEGIN RSA PRIVATE KEY-----"
+        logged = capture(self)
+        self.server.scripted += [Scripted(503, b"<html>" + secret + b"</html>", "text/html")] * 2
+        self.server.scripted.append(Scripted(400, secret, "text/plain"))
+        d = run(
+            client_for(self.server, self.clock, ApiMode.V1).update_job(JobUpdate(job_id=1, state="running"))
+        )
+        self.clock.pump([2.0, 4.0])
+        failure = self.failureResultOf(d, ServerRefused)
+        self.assertEqual(str(failure.value), f"{BASE}/api/v1/pilot/update_job: HTTP 400 Bad Request")
+        text = " ".join(formatEvent(e) + repr(e) for e in logged)
+        self.assertNotIn("SECRETBODY", text)
+        self.assertIn("HTTP 503 Service Unavailable", text)
+
+    def test_v1_error_message_is_shown_cut_and_printable(self) -> None:
+        message = "Internal problem\x1b[31m " + "x" * 300
+        body = json.dumps({"success": False, "message": message, "data": None}).encode()
+        self.server.scripted.append(Scripted(502, body, "application/json"))
+        client = PandaClient(
+            StubTreq(self.server),  # type: ignore[arg-type]
+            BASE,
+            self.clock,
+            api=ApiMode.V1,
+            retry=RetryPolicy(attempts=1),
+        )
+        failure = self.failureResultOf(run(client.update_job(JobUpdate(job_id=1, state="running"))))
+        text = str(failure.value)
+        self.assertIn("HTTP 502 Bad Gateway: Internal problem?[31m xxx", text)
+        self.assertTrue(text.endswith("... (after 1 attempts)"), text)
+        self.assertLess(len(text), 400)
+
+    def test_404_names_the_full_url_once(self) -> None:
+        url = f"{BASE}/wrong/prefix/cache/schedconfig/Q.all.json"
+        failure = self.failureResultOf(
+            run(client_for(Resource(), self.clock, ApiMode.V1).get_bytes(url)), MethodNotFound
+        )
+        self.assertEqual(
+            str(failure.value), f"{url}: HTTP 404 Not Found (check the server URL and its path prefix)"
+        )
+
+    def test_cancellation_propagates_and_is_not_retried(self) -> None:
+        hanging = _Hanging()
+        client = client_for(hanging, self.clock, ApiMode.V1, timeout=30.0)
+        d = run(client.update_job(JobUpdate(job_id=1, state="running")))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.clock.advance(100.0)
+        self.assertEqual(hanging.count, 1)
+
+
+def capture(test: SynchronousTestCase) -> list[LogEvent]:
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events

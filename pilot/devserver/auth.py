@@ -45,11 +45,13 @@ VERIFY_DEPTH = 10
 class ServerTLS:
     """Server-side TLS like ``mod_ssl`` with ``SSLVerifyClient optional`` and grid proxies.
 
-    Sessions are not cached: every connection verifies its client chain, so the
-    chain is always available to work out the caller's DN.
+    By default sessions are not cached: every connection verifies its client chain,
+    so the chain is always available to work out the caller's DN.  With ``sessions``
+    a client may resume (session cache and tickets, as mod_ssl offers); a resumed
+    connection has no verified chain and its DN comes from the peer certificate.
     """
 
-    def __init__(self, pki: PKIFiles) -> None:
+    def __init__(self, pki: PKIFiles, *, sessions: bool = False) -> None:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
         context.use_certificate_chain_file(str(pki.server_cert))
@@ -63,8 +65,11 @@ class ServerTLS:
         context.set_verify_depth(VERIFY_DEPTH)
         ca = crypto.X509.from_cryptography(x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()))
         context.add_client_ca(ca)
-        context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-        context.set_options(SSL.OP_NO_TICKET)
+        if sessions:
+            context.set_session_id(b"panda-dev")
+        else:
+            context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+            context.set_options(SSL.OP_NO_TICKET)
         self._context = context
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:

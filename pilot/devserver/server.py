@@ -206,6 +206,8 @@ async def start_dev_server(
     production_dns: Sequence[str] | None = None,
     timefloor: int = 0,
     request_log_size: int = 1000,
+    idle_timeout: float | None = None,
+    tls_sessions: bool = False,
 ) -> DevServer:
     """Start a development server keeping its state (database, PKI) in ``state_dir``.
 
@@ -213,7 +215,9 @@ async def start_dev_server(
     ``timefloor`` minutes).  ``tokens`` are accepted bearer tokens (``TOKEN[:VO]``
     strings are production tokens).  ``production_dns`` defaults to the generated
     user DN.  ``plain_http`` serves HTTP and treats every caller as that user with
-    the production role (a debugging switch only).
+    the production role (a debugging switch only).  ``idle_timeout`` closes
+    connections idle that long (Apache's ``KeepAliveTimeout``, 5 s by default there);
+    ``tls_sessions`` lets clients resume TLS sessions, as mod_ssl's session cache does.
     """
     clock = IReactorTime(reactor)
     state_dir = state_dir.absolute()
@@ -239,9 +243,9 @@ async def start_dev_server(
             request_log=request_log,
             clock=clock,
         )
-        site: IProtocolFactory = DevSite(resource, clock)
+        site: IProtocolFactory = DevSite(resource, clock, idle_timeout)
         if not plain_http:
-            site = TLSMemoryBIOFactory(ServerTLS(pki), False, site, clock)
+            site = TLSMemoryBIOFactory(ServerTLS(pki, sessions=tls_sessions), False, site, clock)
         connections = _ConnectionTracker(site, clock)
         endpoint = (
             TCP6ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]

@@ -376,8 +376,12 @@ class DevSite(Site):
 
     noisy = False
 
-    def __init__(self, resource: DevServerResource, clock: IReactorTime) -> None:
-        super().__init__(resource, parsePOSTFormSubmission=False, reactor=clock)  # type: ignore[no-untyped-call]
+    def __init__(
+        self, resource: DevServerResource, clock: IReactorTime, idle_timeout: float | None = None
+    ) -> None:
+        # ``idle_timeout``: close a connection idle that long, as Apache's KeepAliveTimeout does.
+        timeout = {} if idle_timeout is None else {"timeout": idle_timeout}
+        super().__init__(resource, parsePOSTFormSubmission=False, reactor=clock, **timeout)  # type: ignore[no-untyped-call]
 
     def log(self, request: object) -> None:
         """Requests are logged by ``DevServerResource`` (and kept in its ``RequestLog``)."""
