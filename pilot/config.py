@@ -18,6 +18,7 @@ from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
 from pilot.server.api import ApiMode
 from pilot.staging.storage import StorageData
+from pilot.util.files import FILE_MODES, FileModes
 
 
 class KeepWorkdirs(Enum):
@@ -83,6 +84,8 @@ class PilotConfig:
     #: Run transformations and pre/post-process scripts fetched over plain http without a
     #: sha256 checksum (a site that serves them on a trusted network).
     allow_http_transformations: bool = False
+    #: ``private`` or ``group``: the modes of what the pilot writes (``pilot.util.files.FILE_MODES``).
+    file_mode: str = "private"
     #: pilot3's version tag (``-i``): the third field of pilotID ("PR", "RC"...).
     version_tag: str = "PR"
     #: Job request fields from pilot3's options: jobType, workingGroup, countryGroup,
@@ -100,3 +103,8 @@ class PilotConfig:
     #: One line each, logged once at start: options accepted for pilot3's wrappers that
     #: do nothing here, and why.
     notices: tuple[str, ...] = ()
+
+    @property
+    def modes(self) -> FileModes:
+        """The modes of what the pilot writes, from ``file_mode``."""
+        return FILE_MODES[self.file_mode]

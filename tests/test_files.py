@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,8 @@ from pilot.job.outputs import describe_outputs, locate_output
 from pilot.job.transformation import download_sources, fetch_transformation, local_name
 from pilot.model.files import job_output_report
 from pilot.model.job import OutputFile, parse_job
+from pilot.server.client import ServerUnavailable
+from pilot.server.errors import LocalFileError
 from pilot.util.checksum import CHUNK, file_facts
 
 from .fakes import run_sync
@@ -105,8 +108,11 @@ class TransformationTests(SynchronousTestCase):
         workdir = Path(self.mktemp())
         workdir.mkdir()
 
-        def download(url: str) -> Deferred[bytes]:
-            return fail(OSError("unreachable")) if "m1" in url else succeed(b"#!/bin/sh\n")
+        def download(url: str, target: Path) -> Deferred[Path]:
+            if "m1" in url:
+                return fail(ServerUnavailable(f"{url}: unreachable"))
+            target.write_bytes(b"#!/bin/sh\n")
+            return succeed(target)
 
         path = self.successResultOf(
             Deferred.fromCoroutine(
@@ -125,7 +131,7 @@ class TransformationTests(SynchronousTestCase):
             fetch_transformation(
                 ["https://m1.example/t", "https://m2.example/t"],
                 workdir,
-                lambda url: fail(OSError("no")),
+                lambda url, target: fail(ServerUnavailable(f"{url}: no")),
                 run_sync,
             )
         )
@@ -133,3 +139,18 @@ class TransformationTests(SynchronousTestCase):
         self.assertEqual(error.code, ErrorCode.TRFDOWNLOADFAILURE)
         self.assertIn("m1.example", error.detail)
         self.assertIn("m2.example", error.detail)
+
+    def test_a_full_disk_is_not_a_failed_mirror(self) -> None:
+        workdir = Path(self.mktemp())
+        workdir.mkdir()
+        tried: list[str] = []
+
+        def full(url: str, target: Path) -> Deferred[Path]:
+            tried.append(url)
+            return fail(LocalFileError("No space left on device", errno.ENOSPC))
+
+        d = Deferred.fromCoroutine(
+            fetch_transformation(["https://m1.example/t", "https://m2.example/t"], workdir, full, run_sync)
+        )
+        self.assertEqual(self.failureResultOf(d, PilotError).value.code, ErrorCode.NOLOCALSPACE)
+        self.assertEqual(tried, ["https://m1.example/t"], "no other mirror would help")

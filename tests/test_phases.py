@@ -94,6 +94,7 @@ class PhaseHarness:
         self.env = JobEnvironment(
             reporter=self.reporter,
             download=self._download,
+            fetch_file=self._fetch_file,
             clock=self.clock,
             spawner=self.spawner,
             in_thread=lambda f, *a, **k: self.in_thread(f, *a, **k),
@@ -114,6 +115,9 @@ class PhaseHarness:
         waiting: Deferred[bytes] = Deferred()
         self.downloads[url] = waiting
         return waiting
+
+    def _fetch_file(self, url: str, target: Path) -> Deferred[Path]:
+        return self._download(url).addCallback(lambda data: (target.write_bytes(data), target)[1])
 
     def run(self, phase: Any) -> Deferred[Any]:
         return Deferred.fromCoroutine(phase(self.ctx).run())

@@ -64,13 +64,18 @@ def step_failure(name: str) -> ErrorCode:
     return ErrorCode.POSTPROCESSFAILURE if name == "postprocess" else ErrorCode.PREPROCESSFAILURE
 
 
-def _install(target: Path, data: bytes) -> None:
+def _install(target: Path, data: bytes, mode: int) -> None:
     target.write_bytes(data)
-    target.chmod(0o700)
+    target.chmod(mode)
 
 
 async def fetch_step(
-    step: Step, workdir: Path, download: Callable[[str], Awaitable[bytes]], in_thread: ThreadRunner
+    step: Step,
+    workdir: Path,
+    download: Callable[[str], Awaitable[bytes]],
+    in_thread: ThreadRunner,
+    *,
+    mode: int = 0o700,
 ) -> tuple[Step, str]:
     """Download a URL command into the work directory; returns the local step and its sha256."""
     code = step_failure(step.name)
@@ -88,7 +93,7 @@ async def fetch_step(
     if not name.replace(".", "").replace("-", "").replace("_", "").isalnum():
         name = step.name
     target = workdir / f"{step.name}-{name}"
-    await in_thread(_install, target, data)
+    await in_thread(_install, target, data, mode)
     digest = hashlib.sha256(data).hexdigest()
     log.info("{step}: downloaded {url} (sha256 {digest})", step=step.name, url=step.command, digest=digest)
     return Step(step.name, f"./{target.name}", step.args, step.ignore_failure, step.checksum), digest

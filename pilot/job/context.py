@@ -53,8 +53,10 @@ T = TypeVar("T")
 
 log = Logger(observer=pilot_observer)
 
-#: Fetches a small document (a transformation, a pre-process script) by URL.
+#: Fetches a small document (a pre-process script, queuedata) by URL, into memory.
 Download = Callable[[str], Awaitable[bytes]]
+#: Fetches a URL into a file, streaming (a transformation); returns the file's path.
+FetchFile = Callable[[str, Path], Awaitable[Path]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class JobEnvironment:
 
     reporter: IJobReporter
     download: Download
+    fetch_file: FetchFile
     clock: IReactorTime
     spawner: IReactorProcess
     in_thread: ThreadRunner

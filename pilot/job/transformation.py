@@ -15,13 +15,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
-from pilot.errors import PilotError
+from pilot.errors import PilotError, local_file_error
 from pilot.logs import pilot_observer
 from pilot.model.job import Job
+from pilot.server.client import ServerError
+from pilot.server.errors import LocalFileError
 from pilot.util.threads import ThreadRunner
 from pilot.util.untrusted import transformation_source_allowed
 
@@ -29,7 +30,8 @@ log = Logger(observer=pilot_observer)
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
-Downloader = Callable[[str], Awaitable[bytes]]
+#: Fetches ``url`` into a file (``DownloadCache.fetch``): returns the file's path.
+FetchFile = Callable[[str, Path], Awaitable[Path]]
 
 
 def _is_url(text: str) -> bool:
@@ -65,41 +67,37 @@ def local_name(url: str) -> str:
     return name if _SAFE_NAME.fullmatch(name) else "transformation"
 
 
-def _install(target: Path, content: bytes) -> None:
-    """Write the transformation and make it executable (for its owner: the pilot user)."""
-    target.write_bytes(content)
+def _make_executable(target: Path, mode: int) -> None:
+    """Executable for the pilot user (the payload runs as that user), by default for it alone."""
     try:
-        target.chmod(0o700)
+        target.chmod(mode)
     except OSError as exc:
         raise PilotError(ErrorCode.CHMODTRF, f"{target}: {exc.strerror}") from None
 
 
 async def fetch_transformation(
-    urls: Sequence[str], workdir: Path, download: Downloader, in_thread: ThreadRunner
+    urls: Sequence[str], workdir: Path, fetch: FetchFile, in_thread: ThreadRunner, *, mode: int = 0o700
 ) -> Path:
-    """Download the first URL that works into ``workdir`` and make it executable.
+    """Fetch the first URL that works into ``workdir`` and make it executable.
 
-    Raises PilotError(TRFDOWNLOADFAILURE) if none works, PilotError(CHMODTRF) if
-    the file cannot be made executable.  A cancellation (the job was aborted) ends
-    the search at once: it is not a failed mirror.
+    ``fetch`` streams to disk (and, in a multi-job pilot, serves a transformation it
+    already has from its cache).  Raises PilotError: TRFDOWNLOADFAILURE if no mirror
+    works, CHMODTRF if the file cannot be made executable, NOLOCALSPACE (or
+    FILEHANDLINGFAILURE) when it cannot be written here, which no mirror would change.
+    A cancellation (the job was aborted) ends the search at once: it is not a failed mirror.
     """
     errors: list[str] = []
     for url in urls:
+        target = workdir / local_name(url)
         try:
-            content = await download(url)
-        except CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every other failure means "try the next mirror"
+            await fetch(url, target)
+        except ServerError as exc:
             errors.append(f"{url}: {exc}")
             log.warn("cannot download transformation {url}: {error}", url=url, error=str(exc))
             continue
-        target = workdir / local_name(url)
-        await in_thread(_install, target, content)
-        log.info(
-            "downloaded transformation {url} ({size} bytes)",
-            url=url,
-            size=len(content),
-            event="job.transformation",
-        )
+        except LocalFileError as exc:
+            raise local_file_error(OSError(exc.errno, str(exc)), f"transformation {url}") from None
+        await in_thread(_make_executable, target, mode)
+        log.info("downloaded transformation {url}", url=url, event="job.transformation")
         return target
     raise PilotError(ErrorCode.TRFDOWNLOADFAILURE, "; ".join(errors) or "no source to download from")

@@ -268,6 +268,8 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         baseurls=tuple(u.strip().rstrip("/") for u in values["baseurls"].split(",") if u.strip()),
         debug=values["debug"],
         report_worker_node=not values["no-worker-node-report"],
+        allow_http_transformations=values["allow-http-transformations"],
+        file_mode=values["file-mode"],
         heartbeat_period=values["heartbeat"],
         debug_heartbeat_period=values["debug-heartbeat"],
         nojob_backoff=values["nojob-backoff"],

@@ -278,6 +278,11 @@ SETTINGS: tuple[Setting, ...] = (
         "cleanup", None, True, "pilot3's switch: false keeps every work directory (--keep-workdirs all) "
         "unless --keep-workdirs is given.", str2bool("cleanup"),
     ),
+    Setting(
+        "file-mode", None, "private", "Who may read what the pilot writes (job directories, payload "
+        "stdout/stderr, logs, summaries): private (the pilot's uid) or group (its group too).",
+        choice("file-mode", ("private", "group")),
+    ),
     Setting("summary-file", None, None, "Write a JSON summary of every job here.", text("summary-file")),
     Setting(
         "log-file", None, "pilotlog.json", "JSON log file (relative to the base directory).", text("log-file")
@@ -322,6 +327,10 @@ SETTINGS: tuple[Setting, ...] = (
     _flag("debug", "d", "Debug logging."),
     _flag("no-worker-node-report", None, "Do not send the worker node's description (update_worker_node)."),
     _flag("no-pilot-log", None, "Write no JSON log file (same as an empty --log-file)."),
+    _flag(
+        "allow-http-transformations", None, "Run transformations and pre/post-process scripts fetched "
+        "over plain http without a sha256 checksum (a trusted site network only).",
+    ),
     _flag(
         "noserverupdate", "z", "pilot3: report to files instead of the server (Harvester/ARC); txpilot "
         "has no file reporting yet and says so at start.",

@@ -45,7 +45,8 @@ from pilot.logs import pilot_observer
 from pilot.monitor.status import STATUS_NAME, StatusFile
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
-from pilot.server.client import ServerError, ServerRefused, StatusCode
+from pilot.server.client import PandaClient, ServerError, ServerRefused, StatusCode
+from pilot.server.downloads import DownloadCache
 from pilot.service.requests import job_request, node_resources, pilot_identity
 from pilot.staging.storage import StorageData
 from pilot.util.deferreds import OneShot
@@ -72,7 +73,7 @@ class JobLoop(Service):
         spawner: IReactorProcess,
         source: IJobSource,
         reporter: IJobReporter,
-        fetch: Download,
+        client: PandaClient,
         experiment: IExperiment,
         in_thread: ThreadRunner,
         environ: Mapping[str, str],
@@ -88,7 +89,8 @@ class JobLoop(Service):
         self._spawner = spawner
         self._source = source
         self._reporter = reporter
-        self._fetch = fetch
+        self._client = client
+        self._fetch: Download = client.get_bytes
         self._experiment = experiment
         self._in_thread = in_thread
         self._environ = environ
@@ -114,6 +116,8 @@ class JobLoop(Service):
         self._current: JobRun | None = None
         self._wait: Deferred[Any] | None = None
         self._lifetime_call: IDelayedCall | None = None
+        #: Transformations fetched once per pilot (made with the pilot directory).
+        self.downloads: DownloadCache | None = None
 
     # -- Service API ---------------------------------------------------------------
 
@@ -201,7 +205,10 @@ class JobLoop(Service):
             )
         try:
             self.pilot_dir = await self._in_thread(
-                _make_pilot_dir, self.config.workdir.absolute(), self.started_at
+                make_pilot_dir, self.config.workdir.absolute(), self.started_at, self.config.modes.directory
+            )
+            self.downloads = DownloadCache(
+                self._client, self.pilot_dir / "downloads", self._clock, self._in_thread
             )
             self.status = StatusFile(self.pilot_dir / STATUS_NAME, self._in_thread)
             self.status.update(
@@ -371,10 +378,11 @@ class JobLoop(Service):
             self._wait = None
 
     async def _run_job(self, definition: Mapping[str, Any], getjob_seconds: float) -> None:
-        assert self.pilot_dir is not None
+        assert self.pilot_dir is not None and self.downloads is not None
         env = JobEnvironment(
             reporter=self._reporter,
             download=self._fetch,
+            fetch_file=self.downloads.fetch,
             clock=self._clock,
             spawner=self._spawner,
             in_thread=self._in_thread,
@@ -431,10 +439,12 @@ class JobLoop(Service):
         return self._done.fired
 
 
-def _make_pilot_dir(base: Path, started: float) -> Path:
+def make_pilot_dir(base: Path, started: float, mode: int = 0o700) -> Path:
+    """The pilot's own directory, ``txpilot_<pid>_<start>`` under ``base`` (``--file-mode``)."""
     path = base / f"txpilot_{os.getpid()}_{int(started)}"
     try:
-        path.mkdir(parents=True, mode=0o700)
+        path.mkdir(parents=True, mode=mode)
+        path.chmod(mode)
     except OSError as exc:
         raise PilotError(
             ErrorCode.MKDIR, f"cannot create the pilot directory {path}: {exc.strerror}"

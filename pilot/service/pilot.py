@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 
@@ -143,7 +143,7 @@ class PilotService(MultiService):
             spawner=spawner,
             source=self.source,
             reporter=reporter or panda,
-            fetch=client.get_bytes,
+            client=client,
             experiment=experiment,
             in_thread=in_thread,
             environ=environ,
@@ -165,6 +165,7 @@ class PilotService(MultiService):
         self._json_log: JsonLogFile | None = None
         self._finished: OneShot[None] = OneShot()
         self._stopping: OneShot[None] | None = None
+        self._summary_lock = DeferredLock()
 
     # -- what tests and tools look at ----------------------------------------------
 
@@ -190,7 +191,7 @@ class PilotService(MultiService):
 
     def startService(self) -> None:
         if self.config.log_file is not None:
-            self._json_log = JsonLogFile(self.config.log_file)
+            self._json_log = JsonLogFile(self.config.log_file, mode=self.config.modes.file)
             try:
                 self._json_log.open()
             except OSError as exc:
@@ -307,13 +308,15 @@ class PilotService(MultiService):
         writing.addErrback(lambda f: self.log.failure("cannot write the summary file", f))
 
     async def _write_summary_file_now(self) -> None:
+        """Write the summary as it is now; writes never overlap, so the last one written wins."""
         path = self.config.summary_file
         if path is None:
             return
-        document = summary_document(
-            self.config, self.jobs.started_at, self.exit_code, self.source.calls, self.summaries
-        )
-        try:
-            await self._in_thread(write_summary_file, path, document)
-        except OSError as exc:
-            self.log.error("cannot write summary file {path}: {error}", path=path, error=exc.strerror)
+        async with self._summary_lock:  # built inside the lock: a later write has newer facts
+            document = summary_document(
+                self.config, self.jobs.started_at, self.exit_code, self.source.calls, self.summaries
+            )
+            try:
+                await self._in_thread(write_summary_file, path, document, self.config.modes.file)
+            except OSError as exc:
+                self.log.error("cannot write summary file {path}: {error}", path=path, error=exc.strerror)

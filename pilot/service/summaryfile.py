@@ -53,7 +53,7 @@ def summary_document(
     return {"pilot": pilot, "jobs": [s.to_json() for s in summaries]}
 
 
-def write_summary_file(path: Path, document: dict[str, Any]) -> None:
+def write_summary_file(path: Path, document: dict[str, Any], mode: int = 0o600) -> None:
     """Write the summary (in a worker thread: it may be on a slow file system)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(path, json.dumps(document, indent=1), durable=False)
+    write_text_atomically(path, json.dumps(document, indent=1), durable=False, mode=mode)

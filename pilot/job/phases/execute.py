@@ -60,7 +60,7 @@ class ExecutePhase:
                 if refusal is not None:
                     raise PilotError(step_failure(name), f"{name} {step.command}: {refusal}")
                 steps[name], _digest = await ctx.control.guard(
-                    fetch_step(step, workdir, env.download, env.in_thread)
+                    fetch_step(step, workdir, env.download, env.in_thread, mode=env.config.modes.executable)
                 )
         command = experiment.payload_command(job, ctx.transformation, workdir)
         base_env = payload_environment(job, workdir, env.pilot_environ, env.queuedata.environ)

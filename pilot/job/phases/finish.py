@@ -223,7 +223,8 @@ class FinishPhase:
         workdir = self.ctx.workdir
         if workdir is not None:
             text = json.dumps(self.ctx.summary.to_json(), indent=1)
-            await self.ctx.env.in_thread(_write_if_present, workdir / "job_summary.json", text)
+            mode = self.ctx.env.config.modes.file
+            await self.ctx.env.in_thread(_write_if_present, workdir / "job_summary.json", text, mode)
 
     async def _cleanup(self, state: ServerState) -> None:
         ctx = self.ctx
@@ -239,9 +240,9 @@ class FinishPhase:
         await ctx.env.in_thread(_remove, ctx.workdir, logs)
 
 
-def _write_if_present(path: Path, text: str) -> None:
+def _write_if_present(path: Path, text: str, mode: int) -> None:
     if path.parent.is_dir():
-        write_text_atomically(path, text, durable=False)
+        write_text_atomically(path, text, durable=False, mode=mode)
 
 
 def _remove(workdir: Path, files: list[Path]) -> None:

@@ -21,17 +21,19 @@ from pilot.logs import pilot_observer
 
 log = Logger(observer=pilot_observer)
 
-#: The job directory and what the pilot writes in it are the pilot user's alone.
-WORKDIR_MODE = 0o700
 
+def make_workdir(pilot_dir: Path, panda_id: int, mode: int = 0o700) -> Path:
+    """``PanDA_Pilot-<PandaID>`` under the pilot's directory, empty, with its ``tmp``.
 
-def make_workdir(pilot_dir: Path, panda_id: int) -> Path:
-    """``PanDA_Pilot-<PandaID>`` under the pilot's directory, empty, with its ``tmp``."""
+    ``mode``: the pilot user's alone by default (``--file-mode``); ``chmod`` after
+    ``mkdir``, so that the process umask cannot widen or narrow it.
+    """
     workdir = pilot_dir / f"PanDA_Pilot-{panda_id}"
     try:
         if workdir.exists():
             shutil.rmtree(workdir)
-        workdir.mkdir(mode=WORKDIR_MODE)
+        workdir.mkdir(mode=mode)
+        workdir.chmod(mode)
         (workdir / "tmp").mkdir()
     except OSError as exc:
         code = ErrorCode.NOLOCALSPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.MKDIR
@@ -49,7 +51,7 @@ class SetupPhase:
         ctx, env, job = self.ctx, self.ctx.env, self.ctx.job
         state = ctx.advance(JobPhase.SETUP)
         ctx.control.check()
-        workdir = await env.in_thread(make_workdir, env.pilot_dir, job.panda_id)
+        workdir = await env.in_thread(make_workdir, env.pilot_dir, job.panda_id, env.config.modes.directory)
         ctx.workdir = workdir
         ctx.summary.workdir = str(workdir)
         await self._check_free_space(workdir)
@@ -84,7 +86,9 @@ class SetupPhase:
         sources = download_sources(job, env.config.baseurls, allow_http=env.config.allow_http_transformations)
         if sources:
             path = await ctx.control.guard(
-                fetch_transformation(sources, workdir, env.download, env.in_thread)
+                fetch_transformation(
+                    sources, workdir, env.fetch_file, env.in_thread, mode=env.config.modes.executable
+                )
             )
             ctx.transformation = f"./{path.name}"
 
