@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import treq
-from treq.client import HTTPClient
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from pilot.localrun import run_pilot, start_dev_server_process
 from pilot.model.credentials import Credentials
+from pilot.server.connection import ServerConnection
 from pilot.server.tls import PilotTLSPolicy
 
 QUEUE = "DEMO_QUEUE"
@@ -43,15 +42,14 @@ def _stdout(text: str) -> None:
 async def _server_view(reactor: Any, info: dict[str, Any], panda_ids: list[int]) -> dict[int, dict[str, Any]]:
     """Ask the dev server (over its HTTPS admin API) how it sees each job."""
     policy = PilotTLSPolicy(Credentials(cacert=Path(info["ca_cert"]), proxy=Path(info["client_proxy"])))
-    pool = HTTPConnectionPool(reactor)  # type: ignore[no-untyped-call]
-    http = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))  # type: ignore[no-untyped-call]
+    connection = ServerConnection(reactor, policy)
     views: dict[int, dict[str, Any]] = {}
     try:
         for panda_id in panda_ids:
-            response = await http.get(f"{info['url']}/dev/jobs/{panda_id}")
+            response = await connection.http.get(f"{info['url']}/dev/jobs/{panda_id}")
             views[panda_id] = json.loads(await treq.content(response))
     finally:
-        await pool.closeCachedConnections()  # type: ignore[no-untyped-call]
+        await connection.close()
     return views
 
 

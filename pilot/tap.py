@@ -1,10 +1,19 @@
 """``twistd pilot``: build the pilot service from its options.
 
 This is the only module of the pilot that touches the global reactor: it hands the
-reactor to everything else as a clock, a process spawner and a thread runner.
+reactor to everything else as a clock, a process spawner and a thread runner.  Before
+anything else it hardens the process: the pilot becomes undumpable (other processes of
+its uid cannot read its ``/proc`` environment or memory), credential variables leave
+its environment (also the block ``/proc/<pid>/environ`` shows), every secret value it
+knows is registered for redaction, and its own clients use private copies of its
+proxy and tokens (``docs/security.md``).
+
 It also installs the pilot's signal handlers (once the reactor runs, replacing
-Twisted's own SIGINT/SIGTERM handlers) and arranges for the process to exit with
-the pilot's exit code, which twistd by itself would not do.
+Twisted's own SIGINT/SIGTERM handlers) and applies the pilot's exit code when the
+process ends.  twistd has no way to set a process's exit status (twisted/twisted#11335,
+open since 2004): the service tree only records it (``PilotService.exit_code``), and
+this module, the application's edge, ends the process with it after twistd's own
+shutdown (pid file removed, logs stopped) is complete.
 """
 
 from __future__ import annotations
@@ -14,32 +23,45 @@ import os
 import signal
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any, NoReturn
 
-from treq.client import HTTPClient
 from twisted.application.service import IService
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.threads import deferToThreadPool
-from twisted.web import client as client_module
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.logger import Logger
 
-from pilot.errors import ExitCode
+from pilot.config import PilotConfig
+from pilot.errors import ExitCode, PilotError
 from pilot.experiments import UnknownExperiment, find_experiment
 from pilot.job.staging import StagingSetup
-from pilot.logs import set_debug
+from pilot.logs import pilot_observer, set_debug
+from pilot.model.credentials import Credentials
 from pilot.options import PilotOptions
 from pilot.process.environment import copytool_environment
 from pilot.server.client import PandaClient, TokenAuth
+from pilot.server.connection import ServerConnection
 from pilot.server.tls import CredentialError, PilotTLSPolicy
 from pilot.service import HANDLED_SIGNALS, PilotService
+from pilot.service.credentials import CredentialRefresh
+from pilot.service.jobloop import make_pilot_dir
 from pilot.staging.credentials import Credentials as StagingCredentials
 from pilot.staging.storage import StorageData
+from pilot.util.hardening import hide_argv_values, make_undumpable, scrub_environment
+from pilot.util.private import CREDENTIALS_DIR, PrivateAreaError, PrivateCredentials
+from pilot.util.secrets import SecretValues
 
 Options = PilotOptions
 
 reactor: Any = _reactor
+log = Logger(observer=pilot_observer)
+
+#: Seconds an idle server connection is kept (the server may close it sooner: a call on a
+#: connection it closed is repeated at once on a new one, with a resumed TLS session).
+SERVER_IDLE_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 30.0
 
 
 def _fail(message: str, code: ExitCode) -> NoReturn:
@@ -56,12 +78,45 @@ def _install_signal_handlers(service: PilotService) -> None:
 
 
 def _exit_with_code(service: PilotService) -> None:
-    """atexit hook: leave with the pilot's exit code (twistd itself always exits 0)."""
+    """atexit hook: leave with the pilot's exit code (see the module docstring)."""
     code = service.exit_code
     if code is not None and code is not ExitCode.OK:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(int(code))
+
+
+def _harden(config: PilotConfig) -> tuple[dict[str, str], SecretValues]:
+    """The pilot's environment (as it was) and every secret value in it; the process hardened."""
+    reason = make_undumpable()
+    if reason is not None:
+        log.warn("the pilot's /proc entries stay readable by its uid: {reason}", reason=reason)
+    environ = dict(os.environ)
+    scrub_environment(os.environ)
+    secrets = SecretValues()
+    secrets.add_environment(environ)
+    token_file = config.credentials.token_file
+    if token_file is not None and token_file.is_file():
+        secrets.add_file(token_file)
+    hide_argv_values(secrets.values())
+    return environ, secrets
+
+
+def _private_copies(config: PilotConfig, pilot_dir: Path, environ: dict[str, str]) -> PrivateCredentials:
+    """The pilot's proxy and tokens, copied where only the pilot's uid can read them."""
+    credentials = config.credentials
+    sources = {"proxy": credentials.proxy, "token": credentials.token_file}
+    bearer = environ.get("BEARER_TOKEN_FILE")
+    if bearer:
+        sources["bearer"] = Path(bearer)
+    private = PrivateCredentials(
+        pilot_dir / CREDENTIALS_DIR, {name: path for name, path in sources.items() if path is not None}
+    )
+    try:
+        private.refresh()
+    except (OSError, PrivateAreaError) as exc:
+        _fail(f"cannot copy the pilot's credentials: {exc}", ExitCode.NOPROXY)
+    return private
 
 
 def makeService(options: PilotOptions) -> IService:
@@ -71,36 +126,46 @@ def makeService(options: PilotOptions) -> IService:
         experiment = find_experiment(config.pilot_user)
     except UnknownExperiment as exc:
         _fail(str(exc), ExitCode.USAGE)
-    credentials = config.credentials
-    token = None
-    if credentials.token_file is not None:
-        if not credentials.token_file.is_file():
-            _fail(f"token file {credentials.token_file} does not exist", ExitCode.NOPROXY)
-        token = TokenAuth(credentials.token_file, credentials.auth_origin)
+    if config.credentials.token_file is not None and not config.credentials.token_file.is_file():
+        _fail(f"token file {config.credentials.token_file} does not exist", ExitCode.NOPROXY)
+    environ, secrets = _harden(config)
     try:
-        policy = PilotTLSPolicy(credentials, present_proxy=token is None)
+        pilot_dir = make_pilot_dir(config.workdir.absolute(), reactor.seconds(), config.modes.directory)
+    except PilotError as exc:
+        _fail(exc.diag, ExitCode.MKDIR)
+    private = _private_copies(config, pilot_dir, environ)
+    copies = private.paths
+    # the pilot's own clients use the copies; config.credentials keeps the site's paths,
+    # which payload containers hide
+    own = Credentials(
+        cacert=config.credentials.cacert,
+        capath=config.credentials.capath,
+        proxy=copies.get("proxy"),
+        token_file=copies.get("token"),
+        auth_origin=config.credentials.auth_origin,
+    )
+    token = TokenAuth(own.token_file, own.auth_origin) if own.token_file is not None else None
+    try:
+        policy = PilotTLSPolicy(own, present_proxy=token is None)
     except CredentialError as exc:
         _fail(str(exc), ExitCode.NOPROXY)
-    # Twisted logs "Starting/Stopping factory" at info level for every new connection: noise
-    # in the operators' log (two lines per heartbeat) and CPU for nothing.
-    client_module._HTTP11ClientFactory.noisy = False
-    pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
-    pool.maxPersistentPerHost = 2
-    # Below Apache's default KeepAliveTimeout (5 s), so we never reuse a connection the
-    # server is about to close; consecutive calls of one job still share a connection.
-    pool.cachedConnectionTimeout = 4
-    pool.retryAutomatically = False
-    agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=30)  # type: ignore[no-untyped-call]
-    client = PandaClient(HTTPClient(agent), config.server_url, reactor, api=config.api, token=token)
-    storage_policy = PilotTLSPolicy(credentials, present_proxy=False, with_system_cas=True)
-    storage_pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
-    storage_agent = Agent(reactor, contextFactory=storage_policy, pool=storage_pool, connectTimeout=30)  # type: ignore[no-untyped-call]
-    environ = dict(os.environ)
+    server = ServerConnection(
+        reactor, policy, idle_timeout=SERVER_IDLE_TIMEOUT, connect_timeout=CONNECT_TIMEOUT
+    )
+    client = PandaClient(
+        server.http, config.server_url, reactor, api=config.api, token=token, connection=server
+    )
+    storage = ServerConnection(
+        reactor,
+        PilotTLSPolicy(own, present_proxy=False, with_system_cas=True),
+        connect_timeout=CONNECT_TIMEOUT,
+    )
+    in_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
     staging = StagingSetup(
         storage=config.storagedata or StorageData(),
-        http=HTTPClient(storage_agent),
-        credentials=StagingCredentials(environ),
-        tool_env=copytool_environment(environ),
+        http=storage.http,
+        credentials=StagingCredentials(environ, secrets=secrets),
+        tool_env=copytool_environment(environ, proxy=own.proxy, token_file=copies.get("bearer")),
         parallel=config.transfer_parallelism,
         progress_interval=config.transfer_progress,
         records_dir=config.workdir,
@@ -111,19 +176,22 @@ def makeService(options: PilotOptions) -> IService:
         spawner=reactor,
         client=client,
         experiment=experiment,
-        in_thread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+        in_thread=in_thread,
         environ=environ,
         stop_reactor=lambda: reactor.callLater(0, _stop_if_running),
-        close_connections=lambda: _close_pools(pool, storage_pool),
+        close_connections=lambda: _close(server, storage),
         staging=staging,
+        secrets=secrets,
+        pilot_dir=pilot_dir,
+        helpers=[CredentialRefresh(private, reactor, in_thread)],
     )
     reactor.callWhenRunning(_install_signal_handlers, service)
     atexit.register(_exit_with_code, service)
     return service
 
 
-def _close_pools(*pools: HTTPConnectionPool) -> Deferred[None]:
-    closing = [p.closeCachedConnections() for p in pools]  # type: ignore[no-untyped-call]
+def _close(*connections: ServerConnection) -> Deferred[None]:
+    closing = [c.close() for c in connections]
     return gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 
 

@@ -8,13 +8,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from pilot.config import PilotConfig
 from pilot.devserver.server import DevServer
@@ -23,6 +21,7 @@ from pilot.job.staging import StagingSetup
 from pilot.model.credentials import Credentials
 from pilot.server.api import ApiMode
 from pilot.server.client import PandaClient, RetryPolicy
+from pilot.server.connection import ServerConnection
 from pilot.server.tls import PilotTLSPolicy
 from pilot.service import PilotService
 from pilot.staging.storage import StorageData
@@ -44,12 +43,15 @@ def pilot_service(
     """A PilotService wired as ``pilot.tap`` wires it, against ``server`` over TLS."""
     settings_experiment = settings.pop("experiment", None)
     credentials = credentials or Credentials(cacert=server.pki.ca_cert, proxy=server.pki.client_proxy)
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.cachedConnectionTimeout = 4
-    agent = Agent(reactor, contextFactory=PilotTLSPolicy(credentials), pool=pool)
+    connection = ServerConnection(reactor, PilotTLSPolicy(credentials))
     api = settings.pop("api", ApiMode.AUTO)
     client = PandaClient(
-        HTTPClient(agent), server.url, reactor, api=api, retry=RetryPolicy(attempts=2, initial=0.1)
+        connection.http,
+        server.url,
+        reactor,
+        api=api,
+        retry=RetryPolicy(attempts=2, initial=0.1),
+        connection=connection,
     )
     config = PilotConfig(
         queue=queue,
@@ -73,7 +75,7 @@ def pilot_service(
         experiment=settings_experiment or GenericExperiment(),
         in_thread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
         environ=environ or {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        close_connections=pool.closeCachedConnections,
+        close_connections=connection.close,
         staging=staging,
     )
 

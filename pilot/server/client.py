@@ -172,6 +172,11 @@ class PandaClient:
         self.calls = 0
 
     @property
+    def connection(self) -> ServerConnection | None:
+        """The kept-alive connection pool the client speaks through (its counters), if any."""
+        return self._connection
+
+    @property
     def api(self) -> ApiMode:
         """The API generation in use (AUTO resolves to V1 until a fallback happened)."""
         return self._api

@@ -83,6 +83,7 @@ class JobLoop(Service):
         wall: Callable[[], float] = time.time,
         on_job_done: Callable[[JobSummary], None] = lambda summary: None,
         secrets: SecretValues | None = None,
+        pilot_dir: Path | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -104,7 +105,8 @@ class JobLoop(Service):
         )
         self.queuedata: QueueData = config.queuedata or QueueData.default(config.queue)
         self.summaries: list[JobSummary] = []
-        self.pilot_dir: Path | None = None
+        #: Made by the job loop at start unless ``pilot.tap`` made it already.
+        self.pilot_dir: Path | None = pilot_dir
         self.status: StatusFile | None = None
         self.started_at = 0.0
         self._done: OneShot[ExitCode] = OneShot()
@@ -204,9 +206,13 @@ class JobLoop(Service):
                 event="pilot.no_credential",
             )
         try:
-            self.pilot_dir = await self._in_thread(
-                make_pilot_dir, self.config.workdir.absolute(), self.started_at, self.config.modes.directory
-            )
+            if self.pilot_dir is None:
+                self.pilot_dir = await self._in_thread(
+                    make_pilot_dir,
+                    self.config.workdir.absolute(),
+                    self.started_at,
+                    self.config.modes.directory,
+                )
             self.downloads = DownloadCache(
                 self._client, self.pilot_dir / "downloads", self._clock, self._in_thread
             )

@@ -25,7 +25,8 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -123,6 +124,8 @@ class PilotService(MultiService):
         source: IJobSource | None = None,
         reporter: IJobReporter | None = None,
         secrets: SecretValues | None = None,
+        pilot_dir: Path | None = None,
+        helpers: Sequence[IService] = (),
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -153,10 +156,14 @@ class PilotService(MultiService):
             wall=wall,
             on_job_done=lambda _summary: self._write_summary_file(),
             secrets=secrets,
+            pilot_dir=pilot_dir,
         )
         self._close_connections = close_connections
-        # started in this order, stopped in the reverse one (see stopService)
+        # started in this order, stopped in the reverse one (see stopService): what the
+        # job loop needs (connections, credentials, threads) outlives it
         ClosingStep("server-connections", self.close_connections).setServiceParent(self)  # type: ignore[no-untyped-call]
+        for helper in helpers:
+            helper.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.jobs.setServiceParent(self)  # type: ignore[no-untyped-call]
         if config.report_worker_node:
             NodeReport(self._report_worker_node).setServiceParent(self)  # type: ignore[no-untyped-call]
@@ -307,6 +314,17 @@ class PilotService(MultiService):
         writing = Deferred.fromCoroutine(self._write_summary_file_now())
         writing.addErrback(lambda f: self.log.failure("cannot write the summary file", f))
 
+    def _costs(self) -> dict[str, Any]:
+        """What the pilot's own traffic cost: connections, TLS handshakes, downloads."""
+        costs: dict[str, Any] = {}
+        connection = self.client.connection
+        if connection is not None:
+            costs["connections"] = connection.stats.as_dict()
+        downloads = self.jobs.downloads
+        if downloads is not None:
+            costs["downloads"] = {"fetched": downloads.downloads, "revalidated": downloads.revalidations}
+        return costs
+
     async def _write_summary_file_now(self) -> None:
         """Write the summary as it is now; writes never overlap, so the last one written wins."""
         path = self.config.summary_file
@@ -314,7 +332,12 @@ class PilotService(MultiService):
             return
         async with self._summary_lock:  # built inside the lock: a later write has newer facts
             document = summary_document(
-                self.config, self.jobs.started_at, self.exit_code, self.source.calls, self.summaries
+                self.config,
+                self.jobs.started_at,
+                self.exit_code,
+                self.source.calls,
+                self.summaries,
+                self._costs(),
             )
             try:
                 await self._in_thread(write_summary_file, path, document, self.config.modes.file)
