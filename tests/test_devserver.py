@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from pilot.devserver import protocol
 from pilot.devserver.auth import TokenGrant, clean_user_id
+from pilot.devserver.files import file_reply
 from pilot.devserver.jobdef import JobDefinitionError, normalise_job, render_job
 from pilot.devserver.pki import PROXY_CERT_INFO_OID, generate_pki, subject_hash
 from pilot.devserver.server import DevServer, start_dev_server
@@ -1355,3 +1356,22 @@ class JobDefinitionTests(SynchronousTestCase):
         ):
             with self.assertRaises(JobDefinitionError):
                 normalise_job(bad, submitter_dn=USER_DN)
+
+
+class TransformationFileTests(SynchronousTestCase):
+    """``/trf/``: files with ETag revalidation, nothing outside the directory."""
+
+    def test_served_revalidated_and_contained(self) -> None:
+        root = Path(self.mktemp())
+        (root / "user").mkdir(parents=True)
+        (root / "user" / "runGen").write_bytes(b"#!/bin/sh\n")
+        (root.parent / "secret").write_bytes(b"no")
+        first = file_reply(root, "user/runGen", None)
+        self.assertEqual((first.status, first.body), (200, b"#!/bin/sh\n"))
+        etag = dict(first.headers)["ETag"]
+        again = file_reply(root, "user/runGen", etag)
+        self.assertEqual((again.status, again.body), (304, b""))
+        self.assertEqual(file_reply(root, "user/runGen", '"other"').status, 200)
+        for hostile in ("../secret", "user/../../secret", "/etc/passwd", "", "user"):
+            self.assertEqual(file_reply(root, hostile, None).status, 404, hostile)
+        self.assertEqual(file_reply(None, "user/runGen", None).status, 404, "no directory configured")

@@ -219,6 +219,7 @@ class Reply:
     content_type: str
     body: bytes
     reason: bytes = b"OK"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def legacy_response(status_code: int, error_dialog: str | None = None) -> dict[str, object]:

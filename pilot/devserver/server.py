@@ -208,6 +208,7 @@ async def start_dev_server(
     request_log_size: int = 1000,
     idle_timeout: float | None = None,
     tls_sessions: bool = False,
+    files: Path | None = None,
 ) -> DevServer:
     """Start a development server keeping its state (database, PKI) in ``state_dir``.
 
@@ -218,6 +219,8 @@ async def start_dev_server(
     the production role (a debugging switch only).  ``idle_timeout`` closes
     connections idle that long (Apache's ``KeepAliveTimeout``, 5 s by default there);
     ``tls_sessions`` lets clients resume TLS sessions, as mod_ssl's session cache does.
+    ``files`` is served under ``/trf/`` (the real server's transformation area, with
+    ETag and Last-Modified revalidation).
     """
     clock = IReactorTime(reactor)
     state_dir = state_dir.absolute()
@@ -242,6 +245,7 @@ async def start_dev_server(
             queues=registry,
             request_log=request_log,
             clock=clock,
+            files=files.absolute() if files is not None else None,
         )
         site: IProtocolFactory = DevSite(resource, clock, idle_timeout)
         if not plain_http:
@@ -298,6 +302,11 @@ class DevServerConfig:
     timefloor: int = 0
     job_files: tuple[Path, ...] = ()
     ready_file: Path | None = None
+    #: Apache-like connection handling: idle connections closed after this many seconds
+    #: (KeepAliveTimeout), TLS sessions resumable (mod_ssl's session cache).
+    idle_timeout: float | None = None
+    tls_sessions: bool = False
+    files: Path | None = None
 
 
 class DevServerService(Service):
@@ -326,6 +335,9 @@ class DevServerService(Service):
             tokens=config.tokens,
             production_dns=config.production_dns,
             timefloor=config.timefloor,
+            idle_timeout=config.idle_timeout,
+            tls_sessions=config.tls_sessions,
+            files=config.files,
         )
         for path in config.job_files:
             ids = await self.server.submit_file(path)

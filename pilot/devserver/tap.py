@@ -35,9 +35,12 @@ class Options(usage.Options):
         ["timefloor", None, 0, "Timefloor (minutes) of generated queuedata.", int],
         ["token-file", None, None, "File with accepted bearer tokens, one TOKEN[:VO] per line."],
         ["ready-file", None, None, "Write a JSON file with url, port and credential paths once listening."],
+        ["idle-timeout", None, None, "Close connections idle this many seconds (Apache: 5).", float],
+        ["files", None, None, "Directory served under /trf/ (transformations, with ETag revalidation)."],
     ]
     optFlags = [
         ["plain-http", None, "Serve plain HTTP; every caller is the production user (debugging only)."],
+        ["tls-sessions", None, "Let clients resume TLS sessions (as mod_ssl's session cache)."],
     ]
 
     def __init__(self) -> None:
@@ -106,6 +109,9 @@ class Options(usage.Options):
             timefloor=self["timefloor"],
             job_files=tuple(self["jobs"]),
             ready_file=Path(ready).absolute() if ready else None,
+            idle_timeout=self["idle-timeout"],
+            tls_sessions=bool(self["tls-sessions"]),
+            files=Path(self["files"]).absolute() if self["files"] else None,
         )
 
 

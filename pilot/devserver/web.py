@@ -21,6 +21,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -33,6 +34,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from pilot.devserver import protocol
 from pilot.devserver.auth import Authenticator, Identity, TokenAuthenticationFailed, peer_chain
 from pilot.devserver.dispatcher import Dispatcher
+from pilot.devserver.files import file_reply, request_counts
 from pilot.devserver.handlers import PilotAPI
 from pilot.devserver.jobdef import JobDefinitionError
 from pilot.devserver.protocol import HTTPError, Params, RawRequest, Reply
@@ -136,8 +138,10 @@ class DevServerResource(Resource):
         queues: QueueRegistry,
         request_log: RequestLog,
         clock: IReactorTime,
+        files: Path | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self._files = files
         self._api = api
         self._dispatcher = dispatcher
         self._auth = authenticator
@@ -188,6 +192,8 @@ class DevServerResource(Resource):
                 reply, params = await self._api.handle(route, self._raw(request, body), identity)
             elif path.startswith("/cache/schedconfig/"):
                 reply = self._queuedata(path)
+            elif path.startswith("/trf/") and method in ("GET", "HEAD"):
+                reply = file_reply(self._files, path[len("/trf/") :], _header(request, b"if-none-match"))
             elif path == "/dev" or path.startswith("/dev/"):
                 identity = self._identify(request)
                 reply = await self._development(method, path, request, body, identity)
@@ -242,7 +248,10 @@ class DevServerResource(Resource):
             untyped.setResponseCode(reply.status, reply.reason)
             untyped.setHeader(b"content-type", reply.content_type.encode())
             untyped.setHeader(b"content-length", str(len(reply.body)).encode())
-            untyped.write(reply.body)
+            for name, value in reply.headers:
+                untyped.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+            if method != "HEAD":
+                untyped.write(reply.body)
             untyped.finish()
         log.debug(
             "{method} {uri} -> {status} ({dn}){gone}",
@@ -297,6 +306,8 @@ class DevServerResource(Resource):
         parts = [part for part in path.split("/") if part][1:]
         query = urllib.parse.parse_qs(request.uri.split(b"?", 1)[1].decode()) if b"?" in request.uri else {}
         try:
+            if parts == ["requests"] and method == "GET":
+                return _json_reply(200, {"requests": request_counts(self.request_log.entries)})
             if parts == ["jobs"] and method == "GET":
                 jobs = await self._dispatcher.list_jobs(_first(query, "status"), _first(query, "site"))
                 return _json_reply(200, {"jobs": jobs})
