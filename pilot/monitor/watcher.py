@@ -45,7 +45,6 @@ from pilot.monitor.limits import (
     memory_limit_kb,
     workdir_limit_bytes,
 )
-from pilot.monitor.plot import PLOT_NAME, write_plot
 from pilot.monitor.redact import redact
 from pilot.monitor.sample import Sample
 from pilot.monitor.sampler import TreeSampler
@@ -222,6 +221,8 @@ class JobMonitor:
         try:
             if self.write_files:
                 prmon_output.write_summary(self.workdir / prmon_output.SUMMARY_NAME, self.summary.summary())
+            from pilot.monitor.plot import PLOT_NAME, write_plot  # once per job, at its end
+
             write_plot(self.workdir / PLOT_NAME, self.samples, f"PanDA job {self.panda_id}")
         except OSError as exc:
             self.log.warn("cannot write the monitor summary: {error}", error=exc)

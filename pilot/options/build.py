@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     included (``joblabel``); two keys naming one setting are an error, since the file
     has no order to decide between them.
     """
+    import tomllib
+
     try:
         with path.open("rb") as handle:
-            document = tomllib.load(handle)
+            document = tomllib.load(handle)  # imported here: most pilots have no config file
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:

@@ -28,8 +28,8 @@ importable from ``pilot.server.client``.
 
 from __future__ import annotations
 
-import gzip
 import json
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -135,6 +135,12 @@ class Download:
     facts: FileFacts | None
     etag: str | None = None
     last_modified: str | None = None
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """``data`` in gzip format (what ``gzip.compress`` makes, without importing ``gzip``)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip header
+    return compressor.compress(data) + compressor.flush()
 
 
 class PandaClient:
@@ -379,7 +385,7 @@ class PandaClient:
         idempotent: bool,
     ) -> tuple[dict[str, Any], str]:
         url = self._url(methods, api)
-        body = gzip.compress(json.dumps(params).encode("utf-8"), compresslevel=6)
+        body = gzip_bytes(json.dumps(params).encode("utf-8"))
 
         async def attempt() -> dict[str, Any]:
             response = await self._http.post(url, data=body, headers=self._headers(api))

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -133,11 +134,12 @@ class PilotTLSPolicy:
         stat: Callable[[Path], float] = lambda p: p.stat().st_mtime,
         with_system_cas: bool = False,
     ) -> None:
-        cas = load_ca_certificates(credentials.cacert, credentials.capath)
-        bundle = _system_bundle()
-        if with_system_cas and cas and bundle is not None:
-            cas += load_ca_certificates(bundle, None)  # explicit grid CAs plus the public ones
-        self._trust = ssl.trustRootFromCertificates(cas) if cas else ssl.platformTrust()
+        # the configured CAs are checked now (a bad --cacert fails the start); the public
+        # ones a storage client adds are loaded on its first connection (a pilot whose jobs
+        # never reach an object store never pays for 150 certificates)
+        self._cas = load_ca_certificates(credentials.cacert, credentials.capath)
+        self._with_system_cas = with_system_cas
+        self._trust_root: Any = None  # an IOpenSSLTrustRoot (Twisted exports no public name)
         self._proxy = credentials.proxy if present_proxy else None
         self._stat = stat
         self._identity: ClientIdentity | None = None
@@ -164,6 +166,16 @@ class PilotTLSPolicy:
     @property
     def identity(self) -> ClientIdentity | None:
         return self._identity
+
+    @property
+    def _trust(self) -> Any:
+        if self._trust_root is None:
+            cas = list(self._cas)
+            bundle = _system_bundle()
+            if self._with_system_cas and cas and bundle is not None:
+                cas += load_ca_certificates(bundle, None)  # explicit grid CAs plus the public ones
+            self._trust_root = ssl.trustRootFromCertificates(cas) if cas else ssl.platformTrust()
+        return self._trust_root
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         if self._proxy is not None:

@@ -40,8 +40,6 @@ from pilot.interfaces import IExperiment, IJobReporter, IJobSource
 from pilot.job.staging import StagingSetup
 from pilot.job.summary import JobSummary
 from pilot.logs import JsonLogFile, pilot_observer
-from pilot.monitor.gpus import find_gpus
-from pilot.monitor.workernode import describe_worker_node, report_worker_node
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.server.client import PandaClient
 from pilot.service.jobloop import JobLoop
@@ -267,6 +265,10 @@ class PilotService(MultiService):
     async def _report_worker_node(self) -> None:
         if not await self.jobs.ready:
             return
+        # imported here: once per pilot, and never when the report is turned off
+        from pilot.monitor.gpus import find_gpus
+        from pilot.monitor.workernode import describe_worker_node, report_worker_node
+
         node = await self._in_thread(
             describe_worker_node,
             self.jobs.pilot_dir or self.config.workdir,

@@ -8,8 +8,8 @@ path through the experiment plug-in's environment.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from html import escape
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
 
 from pilot.staging.plan import DirectInput
 
@@ -35,6 +35,11 @@ def render_catalog(entries: Sequence[tuple[str, str, str]]) -> str:
         ]
     lines.append("</POOLFILECATALOG>")
     return "\n".join(lines) + "\n"
+
+
+def quoteattr(value: str) -> str:
+    """``value`` as a double-quoted XML attribute (``&<>"'`` escaped)."""
+    return f'"{escape(value, quote=True)}"'
 
 
 def write_catalog(

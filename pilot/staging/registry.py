@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.staging.interfaces import ICopyTool
-from pilot.staging.tools.gcs import gs
-from pilot.staging.tools.gfal import gfal
-from pilot.staging.tools.local import cp, ln, mv
-from pilot.staging.tools.lsm import lsm
-from pilot.staging.tools.rucio import rucio
-from pilot.staging.tools.s3 import objectstore, s3
-from pilot.staging.tools.xrdcp import xrdcp
+
+#: Built-in tools: name → (module, attribute).  A tool's module is imported when a job
+#: first needs it, so the pilot does not pay (in start-up time and memory) for object-store
+#: and Rucio clients a queue never uses.
+BUILTIN: dict[str, tuple[str, str]] = {
+    "cp": ("pilot.staging.tools.local", "cp"),
+    "mv": ("pilot.staging.tools.local", "mv"),
+    "ln": ("pilot.staging.tools.local", "ln"),
+    "xrdcp": ("pilot.staging.tools.xrdcp", "xrdcp"),
+    "gfal": ("pilot.staging.tools.gfal", "gfal"),
+    "lsm": ("pilot.staging.tools.lsm", "lsm"),
+    "s3": ("pilot.staging.tools.s3", "s3"),
+    "objectstore": ("pilot.staging.tools.s3", "objectstore"),
+    "gs": ("pilot.staging.tools.gcs", "gs"),
+    "rucio": ("pilot.staging.tools.rucio", "rucio"),
+}
 
 #: Alternative names queues use for the same tool.
 ALIASES = {
@@ -30,20 +40,29 @@ class CopytoolRegistry:
     """Name → ICopyTool."""
 
     def __init__(self, tools: Mapping[str, ICopyTool] | None = None) -> None:
-        builtin: list[ICopyTool] = [cp, mv, ln, xrdcp, gfal, lsm, s3, objectstore, gs, rucio]
-        self._tools: dict[str, ICopyTool] = {t.name: t for t in builtin} if tools is None else dict(tools)
+        self._lazy: dict[str, tuple[str, str]] = dict(BUILTIN) if tools is None else {}
+        self._tools: dict[str, ICopyTool] = {} if tools is None else dict(tools)
 
     def register(self, tool: ICopyTool) -> None:
         self._tools[tool.name] = tool
+        self._lazy.pop(tool.name, None)
 
     def get(self, name: str) -> ICopyTool:
-        tool = self._tools.get(ALIASES.get(name, name))
+        key = ALIASES.get(name, name)
+        tool = self._tools.get(key)
+        if tool is None and key in self._lazy:
+            module, attribute = self._lazy.pop(key)
+            tool = self._tools[key] = getattr(importlib.import_module(module), attribute)
         if tool is None:
             raise PilotError(
                 ErrorCode.UNKNOWNCOPYTOOL,
-                f"copytool {name!r} is not known (known: {', '.join(sorted(self._tools))})",
+                f"copytool {name!r} is not known (known: {', '.join(sorted(self.names))})",
             )
         return tool
 
+    @property
+    def names(self) -> set[str]:
+        return set(self._tools) | set(self._lazy)
+
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and ALIASES.get(name, name) in self._tools
+        return isinstance(name, str) and ALIASES.get(name, name) in self.names
