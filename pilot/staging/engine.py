@@ -5,9 +5,10 @@ until one succeeds.  Each attempt has a time-out that grows with the file's size
 (enforced on the injected clock by cancelling the tool's Deferred, which kills a
 tool's process group); long transfers log their progress at a fixed interval.
 Inputs are checked after the copy — size, then adler32 or md5 against the job
-definition, computed in a thread (or while the bytes streamed in) — and a bad copy
-is deleted before the next attempt.  Outputs are checked at the far end where the
-tool can.  Up to ``parallel`` files move at once.  Every finished transfer goes to
+definition, computed in bounded steps in the checksum pool (or while the bytes
+streamed in, ``follow.py``) — and a bad copy is deleted before the next attempt.
+Outputs are checked at the far end where the tool can.  Up to ``parallel`` files
+move at once (at most ``MAX_PARALLEL``, whatever the caller asks).  Every finished transfer goes to
 the durable ``TransferRecord``; a file the record shows as already done (and still
 intact) is not copied again.
 """
@@ -33,7 +34,7 @@ from twisted.logger import Logger
 from pilot.errorcodes import ErrorCode
 from pilot.logs import pilot_observer
 from pilot.model.job import Checksum
-from pilot.staging.follow import ChecksumFollower
+from pilot.staging.follow import ChecksumFollower, checksum_file
 from pilot.staging.interfaces import IBulkCopyTool
 from pilot.staging.plan import FileTransfer
 from pilot.staging.record import RecordEntry, TransferRecord
@@ -41,9 +42,14 @@ from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.tools.base import ToolContext
 from pilot.staging.transfer import Attempt, CopyRequest, CopyResult, Direction, TransferError, timeout_for
 from pilot.util.checksum import FileFacts, file_facts
+from pilot.util.threads import ThreadRunner
 
 #: Inputs at least this large are checksummed while they are written (``follow.py``).
 FOLLOW_THRESHOLD = 32 << 20
+
+#: The most transfers at once, whatever the caller asks: the option is validated
+#: upstream, this only keeps a bad value from starting hundreds of copytools.
+MAX_PARALLEL = 64
 
 
 def _facts_value(facts: FileFacts, algorithm: str) -> str | None:
@@ -129,10 +135,21 @@ class StagingEngine:
         timeout_rate: float = 1e6,
         follow_threshold: int | None = FOLLOW_THRESHOLD,
         bulk_size: int = 32,
+        checksum_runner: ThreadRunner | None = None,
     ) -> None:
         self.registry = registry
         self.context = context
-        self.parallel = max(1, parallel)
+        self.parallel = min(max(1, parallel), MAX_PARALLEL)
+        if self.parallel != parallel:
+            self.log.warn(
+                "transfer parallelism {asked} out of range: using {used}",
+                asked=parallel,
+                used=self.parallel,
+                event="transfer.parallelism_clamped",
+            )
+        #: Where checksums are read, in bounded steps (a small pool of its own in the
+        #: pilot); the tools' short blocking calls stay on ``context.in_thread``.
+        self.checksum_runner: ThreadRunner = checksum_runner or context.in_thread
         self.progress_interval = progress_interval
         self.follow_threshold = follow_threshold
         self.record = record
@@ -151,6 +168,8 @@ class StagingEngine:
 
         With ``stop_on_failure`` (stage-in: one missing input dooms the job) the
         remaining transfers are cancelled as soon as one file has failed for good.
+        Cancelling the run cancels every transfer and raises CancelledError (it is
+        never turned into transfer errors).
         """
         if self.record is not None and self._recorded is None:
             self._recorded = await self.context.in_thread(self.record.load)
@@ -161,15 +180,27 @@ class StagingEngine:
         def cancel_rest(_: object) -> None:
             self._stopping = True
             for d in pending:
-                if not d.called:
-                    d.cancel()
+                # also the running ones: a unit's Deferred has fired (the semaphore was
+                # acquired) and waits on the transfer, which cancel() then cancels
+                d.cancel()
 
         for unit in self._units(transfers):
             d: Deferred[None] = semaphore.run(self._unit_deferred, unit)
             if stop_on_failure:
                 d.addCallback(self._stop_others_if_failed, unit, cancel_rest)
             pending.append(d)
-        await DeferredList(pending, consumeErrors=True)
+        cancelled: list[bool] = []
+
+        def cancel_all(_: object) -> None:
+            cancelled.append(True)
+            cancel_rest(None)
+
+        gathered = DeferredList(pending, consumeErrors=True)
+        waiter: Deferred[object] = Deferred(cancel_all)
+        gathered.addBoth(lambda _: None if waiter.called else waiter.callback(None))
+        await waiter
+        if cancelled:  # DeferredList swallows its members' CancelledError
+            raise CancelledError()
         for transfer in transfers:
             if not transfer.done and transfer.error is None:
                 code = (
@@ -367,7 +398,8 @@ class StagingEngine:
         request = self._request(transfer, attempt, timeout, progress)
         method = tool.copy_in if transfer.direction is Direction.IN else tool.copy_out
         follower = self._follower(transfer)
-        following = self.context.in_thread(follower.run) if follower is not None else None
+        if follower is not None:
+            follower.start()
         running: Deferred[CopyResult] = maybeDeferred(method, request, self.context)
         expired: list[bool] = []
 
@@ -398,11 +430,10 @@ class StagingEngine:
             if timer.active():
                 timer.cancel()
             reporter.stop()
-            if follower is not None and following is not None:
-                follower.finish() if succeeded else follower.abandon()
-                await following
+            if follower is not None and not succeeded:
+                follower.abandon()
         if transfer.direction is Direction.IN:
-            followed = follower.result if follower is not None else None
+            followed = await follower.finish() if follower is not None else None
             await self._verify_input(transfer, result, followed)
         elif result.remote_checksum is not None and transfer.checksum is not None:
             if result.remote_checksum != transfer.checksum:
@@ -438,10 +469,10 @@ class StagingEngine:
         )
 
     def _follower(self, transfer: FileTransfer) -> ChecksumFollower | None:
-        """A checksum-while-copying thread for a large verified input, else None.
+        """A checksum-while-copying follower for a large verified input, else None.
 
-        ``follow_threshold=None`` turns it off: needed where ``in_thread`` is not a real
-        thread (the follower waits for ``finish`` and would block a synchronous runner).
+        The follower holds no thread while it waits (``follow.py``), so it works with
+        any runner, a synchronous one included; ``follow_threshold=None`` turns it off.
         """
         if (
             self.follow_threshold is None
@@ -450,7 +481,9 @@ class StagingEngine:
             or (transfer.size or 0) < self.follow_threshold
         ):
             return None
-        return ChecksumFollower(transfer.local, md5=transfer.checksum.algorithm == "md5")
+        return ChecksumFollower(
+            transfer.local, self.clock, self.checksum_runner, md5=transfer.checksum.algorithm == "md5"
+        )
 
     async def _verify_input(
         self, transfer: FileTransfer, result: CopyResult, followed: FileFacts | None = None
@@ -474,10 +507,14 @@ class StagingEngine:
         elif followed is not None and _facts_value(followed, expected.algorithm) == expected.value:
             actual = expected  # read while it was written, and the name still holds those bytes
         else:
-            facts: FileFacts = await self.context.in_thread(
-                file_facts, transfer.local, md5=expected.algorithm == "md5"
+            read = await checksum_file(
+                transfer.local, self.clock, self.checksum_runner, md5=expected.algorithm == "md5"
             )
-            value = facts.adler32 if expected.algorithm == "adler32" else (facts.md5 or "")
+            if read is None or read.size != size:
+                raise TransferError(
+                    ErrorCode.STAGEINFAILED, f"{transfer.lfn}: the copy changed while it was verified"
+                )
+            value = read.adler32 if expected.algorithm == "adler32" else (read.md5 or "")
             actual = Checksum(expected.algorithm, value)
         if actual != expected:
             code = ErrorCode.GETADMISMATCH if expected.algorithm == "adler32" else ErrorCode.GETMD5MISMATCH
@@ -499,7 +536,8 @@ class StagingEngine:
             if transfer.checksum is None or entry.adler32 != transfer.checksum.value:
                 return False
         else:
-            if not await self.context.in_thread(_same_file, entry, transfer):
+            # reads the whole file (and may copy it): long work, so the checksum pool's
+            if not await self.checksum_runner(_same_file, entry, transfer):
                 return False
         transfer.done = True
         transfer.from_record = True
