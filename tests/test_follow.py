@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -24,7 +24,7 @@ from pilot.staging.follow import ChecksumFollower, _data_end, checksum_file
 from pilot.util.checksum import file_facts
 from pilot.util.threads import WorkerPool
 
-from .fakes import run_sync
+from .fakes import ManualRunner, run_sync
 
 reactor: Any = _reactor
 
@@ -145,24 +145,6 @@ class FollowerTests(TestCase):
         facts = await checksum_file(self.path, reactor, self.checksums.runner, md5=True)
         self.assertEqual(facts, file_facts(self.path, md5=True))
         self.assertIsNone(await checksum_file(self.dir / "absent", reactor, self.checksums.runner))
-
-
-class ManualRunner:
-    """A ThreadRunner whose calls wait until the test runs them (one worker thread, by hand)."""
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
-        self.calls = 0
-
-    def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        self.calls += 1
-        d: Deferred[Any] = Deferred()
-        self.queue.append((d, f, args))
-        return d
-
-    def run_one(self) -> None:
-        d, f, args = self.queue.pop(0)
-        d.callback(f(*args))
 
 
 def _open_fds() -> int:

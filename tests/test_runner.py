@@ -5,18 +5,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import psutil
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pilot.model.processes import ProcessOutcome
-from pilot.process.runner import ManagedProcess
+from pilot.process.runner import Descendant, ManagedProcess, OSProcessControl
+from pilot.util.threads import PoolStopped, ThreadRunner, WorkerPool
 
-from .fakes import FakeProcessControl, FakeSpawner
+from .fakes import FakeProcessControl, FakeSpawner, ManualRunner
 
 
 def _gone(pid: int) -> bool:
@@ -220,3 +225,176 @@ class EscalationTimingTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(first).exit_code, 2)
         self.assertEqual(self.successResultOf(second).exit_code, 2)
         self.assertEqual(self.successResultOf(process.wait()).exit_code, 2)
+
+
+LEFTOVERS = {Descendant(9_000_001, 1.0), Descendant(9_000_002, 1.0)}
+
+
+class LeftoverSweepTests(SynchronousTestCase):
+    """The sweep after a leader ends (issue 11, defect 3): scans in the runner, never inline.
+
+    A leader that left processes behind makes ``processEnded`` walk ``/proc`` and
+    signal each leftover: 250 ms of the reactor thread with 2,000 of them.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.spawner = FakeSpawner(self.clock)
+        self.control = FakeProcessControl(self.spawner, obey_term=False)
+        self.runner = ManualRunner()
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+
+    def _process(self, in_thread: ThreadRunner | None) -> ManagedProcess:
+        return ManagedProcess(
+            self.spawner,
+            self.clock,
+            ["/bin/bash", "-c", "sleep 1000 & exit 0"],
+            env={},
+            cwd=self.dir,
+            stdout=self.dir / "out",
+            stderr=self.dir / "err",
+            kill_grace=10.0,
+            control=self.control,
+            in_thread=in_thread,
+        )
+
+    def test_leftover_scan_and_signals_run_in_the_runner(self) -> None:
+        process = self._process(self.runner)
+        pid = process.start()
+        self.control.members[pid] = set(LEFTOVERS)
+        waiter = process.wait()
+        self.clock.advance(5)
+        self.spawner.processes[-1].end(0)
+        self.assertEqual(self.control.scans, [], "no /proc walk on the reactor thread")
+        self.assertEqual(len(self.runner.queue), 1)
+        self.assertFalse(process.running, "the leader has ended")
+        self.assertNoResult(waiter)
+        self.clock.advance(1)
+        self.runner.run_one()  # the group scan finds the leftovers: TERM to the group now
+        self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 6.0)])
+        self.assertNoResult(waiter)
+        self.runner.run_one()  # each leftover by pid and start time, in the runner too
+        self.assertEqual(
+            sorted(self.control.process_signals),
+            [(d.pid, signal.SIGTERM) for d in sorted(LEFTOVERS, key=lambda d: d.pid)],
+        )
+        outcome = self.successResultOf(waiter)
+        self.assertEqual((outcome.exit_code, outcome.ended), (0, 5.0), "ended when the leader ended")
+        self.assertTrue(process.cleaning_up)
+        self.clock.advance(10)
+        self.assertEqual(self.control.signals[-1], (pid, signal.SIGKILL, 16.0))
+        self.runner.run_all()
+        self.assertFalse(process.cleaning_up)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual([what for what, _ in self.control.scans], ["group_members"])
+
+    def test_without_a_runner_the_sweep_is_inline_as_before(self) -> None:
+        process = self._process(None)
+        pid = process.start()
+        self.control.members[pid] = set(LEFTOVERS)
+        waiter = process.wait()
+        self.spawner.processes[-1].end(0)
+        self.successResultOf(waiter)
+        self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 0.0)])
+        self.assertEqual(len(self.control.process_signals), 2)
+        self.assertTrue(process.cleaning_up)
+        self.successResultOf(process.sweep_now())
+        self.assertEqual(self.control.signals[-1], (pid, signal.SIGKILL, 0.0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_nothing_left_means_no_scan_and_no_wait(self) -> None:
+        process = self._process(self.runner)
+        process.start()
+        waiter = process.wait()
+        self.spawner.processes[-1].end(3)
+        self.assertEqual(self.successResultOf(waiter).exit_code, 3)
+        self.assertEqual((self.runner.calls, self.control.scans), (0, []))
+
+    def test_terminate_finds_descendants_in_the_runner(self) -> None:
+        process = self._process(self.runner)
+        pid = process.start()
+        done = process.terminate("test")
+        self.assertEqual(self.control.scans, [])
+        self.assertEqual(self.control.signals, [], "TERM follows the descendant scan")
+        self.runner.run_one()
+        self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 0.0)])
+        self.clock.advance(10)
+        self.runner.run_all()
+        self.assertEqual(self.control.signals[-1], (pid, signal.SIGKILL, 10.0))
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(done).signal, signal.SIGKILL)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_stopped_pool_still_sweeps(self) -> None:
+        """At shutdown the pool may be gone: leftovers are still signalled (inline)."""
+
+        def stopped(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+            return fail(PoolStopped("stopped"))
+
+        process = self._process(stopped)
+        pid = process.start()
+        self.control.members[pid] = set(LEFTOVERS)
+        waiter = process.wait()
+        self.spawner.processes[-1].end(0)
+        self.successResultOf(waiter)
+        self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 0.0)])
+        self.assertEqual(len(self.control.process_signals), 2)
+
+
+class RecordingControl(OSProcessControl):
+    """The real control, noting the thread every /proc walk ran in."""
+
+    def __init__(self) -> None:
+        self.threads: list[tuple[str, str]] = []
+
+    def group_members(self, pgid: int) -> set[Descendant]:
+        self.threads.append(("group_members", threading.current_thread().name))
+        return super().group_members(pgid)
+
+    def descendants(self, pid: int) -> set[Descendant]:
+        self.threads.append(("descendants", threading.current_thread().name))
+        return super().descendants(pid)
+
+
+class RealSweepInThreadTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.pool = WorkerPool(cast(IReactorFromThreads, reactor), 1, "test-process-scans")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    async def test_leftovers_removed_with_every_scan_in_the_pool(self) -> None:
+        control = RecordingControl()
+        process = ManagedProcess(
+            reactor,
+            reactor,
+            [
+                "/bin/bash",
+                "-c",
+                "for i in 1 2 3; do (trap '' TERM; exec sleep 1000) & done; echo $! > child.pid; exit 0",
+            ],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            cwd=self.dir,
+            stdout=self.dir / "out",
+            stderr=self.dir / "err",
+            kill_grace=0.3,
+            control=control,
+            in_thread=self.pool.runner,
+        )
+        process.start()
+        outcome = await process.wait()
+        self.assertEqual(outcome.exit_code, 0)
+        child = int((self.dir / "child.pid").read_text())
+        self.assertTrue(process.cleaning_up, "the leftovers ignore SIGTERM: SIGKILL is pending")
+        await process.sweep_now()
+        waited = 0.0
+        while not _gone(child):
+            self.assertLess(waited, 10, f"leftover {child} survived")
+            await deferLater(reactor, 0.02, lambda: None)
+            waited += 0.02
+        self.assertEqual([what for what, _ in control.threads], ["group_members"])
+        self.assertTrue(all(name.startswith("PoolThread-test-process-scans") for _, name in control.threads))
