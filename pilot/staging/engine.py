@@ -37,6 +37,7 @@ from pilot.model.job import Checksum
 from pilot.staging.follow import ChecksumFollower, checksum_file
 from pilot.staging.interfaces import IBulkCopyTool
 from pilot.staging.plan import FileTransfer
+from pilot.staging.progress import Progress
 from pilot.staging.record import RecordEntry, TransferRecord
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.tools.base import ToolContext
@@ -54,70 +55,6 @@ MAX_PARALLEL = 64
 
 def _facts_value(facts: FileFacts, algorithm: str) -> str | None:
     return facts.adler32 if algorithm == "adler32" else facts.md5
-
-
-def _size_text(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-class _Progress:
-    """Bytes moved so far by one attempt, reported at a fixed interval."""
-
-    log = Logger(observer=pilot_observer)
-
-    def __init__(self, transfer: FileTransfer, attempt: Attempt, started: float, clock: Any) -> None:
-        self._transfer = transfer
-        self._attempt = attempt
-        self._started = started
-        self._clock = clock
-        self.reported: int | None = None
-
-    def update(self, count: int) -> None:
-        self.reported = count
-
-    def current(self) -> int | None:
-        if self.reported is not None:
-            return self.reported
-        if self._transfer.direction is Direction.IN:
-            try:
-                return os.stat(self._transfer.local).st_size
-            except OSError:
-                return 0
-        return None
-
-    def report(self) -> None:
-        elapsed = max(1e-6, self._clock.seconds() - self._started)
-        done = self.current()
-        total = self._transfer.size
-        if done is None:
-            self.log.info(
-                "{lfn}: {tool} running for {elapsed:.0f} s",
-                lfn=self._transfer.lfn,
-                tool=self._attempt.tool,
-                elapsed=elapsed,
-                event="transfer.progress",
-            )
-            return
-        rate = done / elapsed
-        eta = (total - done) / rate if total and rate > 0 else None
-        self.log.info(
-            "{lfn}: {done_text}{of} at {rate_text}/s{eta_text}",
-            lfn=self._transfer.lfn,
-            done_text=_size_text(done),
-            of=f" of {_size_text(total)} ({100 * done / total:.0f} %)" if total else "",
-            rate_text=_size_text(rate),
-            eta_text=f", ETA {eta:.0f} s" if eta is not None else "",
-            bytes=done,
-            total=total,
-            rate=rate,
-            eta=eta,
-            tool=self._attempt.tool,
-            event="transfer.progress",
-        )
 
 
 class StagingEngine:
@@ -394,7 +331,7 @@ class StagingEngine:
         tool = self.registry.get(attempt.tool)
         timeout = timeout_for(transfer.size, base=self.timeout_base, rate=self.timeout_rate)
         started = self.clock.seconds()
-        progress = _Progress(transfer, attempt, started, self.clock)
+        progress = Progress(transfer, attempt, started, self.clock)
         request = self._request(transfer, attempt, timeout, progress)
         method = tool.copy_in if transfer.direction is Direction.IN else tool.copy_out
         follower = self._follower(transfer)
@@ -449,7 +386,7 @@ class StagingEngine:
         return result
 
     def _request(
-        self, transfer: FileTransfer, attempt: Attempt, timeout: float, progress: _Progress | None
+        self, transfer: FileTransfer, attempt: Attempt, timeout: float, progress: Progress | None
     ) -> CopyRequest:
         return CopyRequest(
             direction=transfer.direction,
