@@ -141,8 +141,8 @@ class RealProcessTests(TestCase):
         self.assertFalse(process.cleaning_up)
 
 
-class EscalationTimingTests(SynchronousTestCase):
-    """TERM → KILL → backstop on a task.Clock (fake processes)."""
+class FakeProcessCase(SynchronousTestCase):
+    """Fake processes on a task.Clock: a 10 s kill grace, a 60 s backstop."""
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -150,7 +150,7 @@ class EscalationTimingTests(SynchronousTestCase):
         self.dir = Path(self.mktemp())
         self.dir.mkdir()
 
-    def _process(self, control: FakeProcessControl) -> ManagedProcess:
+    def _process(self, control: FakeProcessControl, in_thread: ThreadRunner | None = None) -> ManagedProcess:
         return ManagedProcess(
             self.spawner,
             self.clock,
@@ -162,7 +162,12 @@ class EscalationTimingTests(SynchronousTestCase):
             kill_grace=10.0,
             backstop=60.0,
             control=control,
+            in_thread=in_thread,
         )
+
+
+class EscalationTimingTests(FakeProcessCase):
+    """TERM → KILL → backstop on a task.Clock (fake processes)."""
 
     def test_sigkill_after_the_grace(self) -> None:
         control = FakeProcessControl(self.spawner, obey_term=False)
@@ -230,7 +235,7 @@ class EscalationTimingTests(SynchronousTestCase):
 LEFTOVERS = {Descendant(9_000_001, 1.0), Descendant(9_000_002, 1.0)}
 
 
-class LeftoverSweepTests(SynchronousTestCase):
+class LeftoverSweepTests(FakeProcessCase):
     """The sweep after a leader ends (issue 11, defect 3): scans in the runner, never inline.
 
     A leader that left processes behind makes ``processEnded`` walk ``/proc`` and
@@ -238,34 +243,27 @@ class LeftoverSweepTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.spawner = FakeSpawner(self.clock)
+        super().setUp()
         self.control = FakeProcessControl(self.spawner, obey_term=False)
         self.runner = ManualRunner()
-        self.dir = Path(self.mktemp())
-        self.dir.mkdir()
 
-    def _process(self, in_thread: ThreadRunner | None) -> ManagedProcess:
-        return ManagedProcess(
-            self.spawner,
-            self.clock,
-            ["/bin/bash", "-c", "sleep 1000 & exit 0"],
-            env={},
-            cwd=self.dir,
-            stdout=self.dir / "out",
-            stderr=self.dir / "err",
-            kill_grace=10.0,
-            control=self.control,
-            in_thread=in_thread,
-        )
+    def _leaving(self, in_thread: ThreadRunner | None) -> ManagedProcess:
+        return self._process(self.control, in_thread)
 
-    def test_leftover_scan_and_signals_run_in_the_runner(self) -> None:
-        process = self._process(self.runner)
+    def _end_leaving_leftovers(
+        self, in_thread: ThreadRunner | None, *, after: float = 0.0
+    ) -> tuple[ManagedProcess, int, Deferred[ProcessOutcome]]:
+        """Start a process; ``after`` seconds later its leader exits, two processes left in its group."""
+        process = self._leaving(in_thread)
         pid = process.start()
         self.control.members[pid] = set(LEFTOVERS)
         waiter = process.wait()
-        self.clock.advance(5)
+        self.clock.advance(after)
         self.spawner.processes[-1].end(0)
+        return process, pid, waiter
+
+    def test_leftover_scan_and_signals_run_in_the_runner(self) -> None:
+        process, pid, waiter = self._end_leaving_leftovers(self.runner, after=5)
         self.assertEqual(self.control.scans, [], "no /proc walk on the reactor thread")
         self.assertEqual(len(self.runner.queue), 1)
         self.assertFalse(process.running, "the leader has ended")
@@ -290,11 +288,7 @@ class LeftoverSweepTests(SynchronousTestCase):
         self.assertEqual([what for what, _ in self.control.scans], ["group_members"])
 
     def test_without_a_runner_the_sweep_is_inline_as_before(self) -> None:
-        process = self._process(None)
-        pid = process.start()
-        self.control.members[pid] = set(LEFTOVERS)
-        waiter = process.wait()
-        self.spawner.processes[-1].end(0)
+        process, pid, waiter = self._end_leaving_leftovers(None)
         self.successResultOf(waiter)
         self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 0.0)])
         self.assertEqual(len(self.control.process_signals), 2)
@@ -304,7 +298,7 @@ class LeftoverSweepTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_nothing_left_means_no_scan_and_no_wait(self) -> None:
-        process = self._process(self.runner)
+        process = self._leaving(self.runner)
         process.start()
         waiter = process.wait()
         self.spawner.processes[-1].end(3)
@@ -312,7 +306,7 @@ class LeftoverSweepTests(SynchronousTestCase):
         self.assertEqual((self.runner.calls, self.control.scans), (0, []))
 
     def test_terminate_finds_descendants_in_the_runner(self) -> None:
-        process = self._process(self.runner)
+        process = self._leaving(self.runner)
         pid = process.start()
         done = process.terminate("test")
         self.assertEqual(self.control.scans, [])
@@ -332,11 +326,7 @@ class LeftoverSweepTests(SynchronousTestCase):
         def stopped(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
             return fail(PoolStopped("stopped"))
 
-        process = self._process(stopped)
-        pid = process.start()
-        self.control.members[pid] = set(LEFTOVERS)
-        waiter = process.wait()
-        self.spawner.processes[-1].end(0)
+        _, pid, waiter = self._end_leaving_leftovers(stopped)
         self.successResultOf(waiter)
         self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 0.0)])
         self.assertEqual(len(self.control.process_signals), 2)

@@ -129,6 +129,14 @@ class EngineHarness:
             attempts=[Attempt("fake", r, r.split(":")[0]) for r in remotes],
         )
 
+    def hanging(self, n: int, data: bytes = b"x") -> list[FileTransfer]:
+        """``n`` inbound transfers whose copies never finish by themselves."""
+        transfers = []
+        for i in range(n):
+            self.tool.hang.add(f"A:f{i}")
+            transfers.append(self.inbound(f"f{i}", data, [f"A:f{i}"]))
+        return transfers
+
     def run(self, transfers: list[FileTransfer], **kw: Any) -> Deferred[None]:
         return Deferred.fromCoroutine(self.engine.run(transfers, **kw))
 
@@ -214,10 +222,7 @@ class StageInTests(SynchronousTestCase):
 
     def test_parallel_limit(self) -> None:
         h = EngineHarness(self, parallel=2)
-        transfers = []
-        for i in range(5):
-            h.tool.hang.add(f"A:f{i}")
-            transfers.append(h.inbound(f"f{i}", b"partial", [f"A:f{i}"]))
+        transfers = h.hanging(5, b"partial")
         d = h.run(transfers)
         self.assertEqual(h.tool.running, 2)
         for _ in range(5):
@@ -273,11 +278,7 @@ class StageInTests(SynchronousTestCase):
     def test_cancelling_the_run_raises_cancelled_error(self) -> None:
         """A cancelled stage-in is a cancellation, never STAGEINFAILED for the job."""
         h = EngineHarness(self, parallel=2)
-        transfers = []
-        for i in range(3):
-            h.tool.hang.add(f"A:f{i}")
-            transfers.append(h.inbound(f"f{i}", b"x", [f"A:f{i}"]))
-        d = h.run(transfers)
+        d = h.run(h.hanging(3))
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(h.tool.running, 0)
