@@ -263,18 +263,6 @@ class StageInTests(SynchronousTestCase):
         assert second.error is not None
         self.assertIn("cancelled", second.error.detail)
 
-    def test_stop_on_failure_cancels_running_transfers_too(self) -> None:
-        h = EngineHarness(self, parallel=2)
-        h.tool.hang.add("A:f1")
-        running = h.inbound("f1", b"x", ["A:f1"])
-        doomed = h.inbound("f2", b"x", ["A:f2"])  # missing: fails for good
-        d = h.run([running, doomed], stop_on_failure=True)
-        self.successResultOf(d)
-        self.assertEqual(h.tool.running, 0, "the running copy was cancelled, not waited for")
-        assert running.error is not None
-        self.assertEqual(running.error.code, ErrorCode.STAGEINFAILED)
-        self.assertEqual(h.clock.getDelayedCalls(), [])
-
     def test_cancelling_the_run_raises_cancelled_error(self) -> None:
         """A cancelled stage-in is a cancellation, never STAGEINFAILED for the job."""
         h = EngineHarness(self, parallel=2)

@@ -117,9 +117,8 @@ class StagingEngine:
         def cancel_rest(_: object) -> None:
             self._stopping = True
             for d in pending:
-                # also the running ones: a unit's Deferred has fired (the semaphore was
-                # acquired) and waits on the transfer, which cancel() then cancels
-                d.cancel()
+                if not d.called:  # not started yet; running ones finish (their errors stay theirs)
+                    d.cancel()
 
         for unit in self._units(transfers):
             d: Deferred[None] = semaphore.run(self._unit_deferred, unit)
@@ -130,7 +129,11 @@ class StagingEngine:
 
         def cancel_all(_: object) -> None:
             cancelled.append(True)
-            cancel_rest(None)
+            self._stopping = True
+            for d in pending:
+                # the running ones too: a unit's Deferred has fired (the semaphore was
+                # acquired) and waits on its transfer, which cancel() then cancels
+                d.cancel()
 
         gathered = DeferredList(pending, consumeErrors=True)
         waiter: Deferred[object] = Deferred(cancel_all)
