@@ -18,11 +18,12 @@ Every payload (and, later, every copytool and utility) runs through
 * Finding descendants and group members walks ``/proc`` (60-250 ms with 2,000
   processes), and signalling remembered descendants one by one checks each one's
   start time (120 ms for 2,000).  Given a ``ThreadRunner`` (``in_thread``), all of that
-  runs in its worker thread; without one it runs inline, as before.  ``killpg`` stays
-  on the reactor: it is one system call, and when 2,000 members die of it the
-  kernel's work (~100 ms) happens with the GIL held (``os.killpg`` does not release
-  it), so a worker thread would stall the reactor just the same.  Either way the outcome is delivered only after the
-  leftovers of an ended leader have been signalled.
+  runs in its worker thread; without one it runs inline, as before.  ``killpg``
+  stays on the reactor: it is one system call, and when 2,000 members die of it
+  the kernel's work (~100 ms) happens with the GIL held (``os.killpg`` does not
+  release it), so a worker thread would stall the reactor just the same.  Either
+  way the outcome is delivered only after the leftovers of an ended leader have
+  been signalled.
 """
 
 from __future__ import annotations
