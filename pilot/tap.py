@@ -22,7 +22,6 @@ import atexit
 import os
 import signal
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,7 +29,6 @@ from twisted.application.service import IService
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from pilot.config import PilotConfig
@@ -47,11 +45,13 @@ from pilot.server.tls import CredentialError, PilotTLSPolicy
 from pilot.service import HANDLED_SIGNALS, PilotService
 from pilot.service.credentials import CredentialRefresh
 from pilot.service.jobloop import make_pilot_dir
+from pilot.service.pools import BLOCKING_THREADS, CHECKSUM_THREADS, PoolService
 from pilot.staging.credentials import Credentials as StagingCredentials
 from pilot.staging.storage import StorageData
 from pilot.util.hardening import hide_argv_values, make_undumpable, scrub_environment
 from pilot.util.private import CREDENTIALS_DIR, PrivateAreaError, PrivateCredentials
 from pilot.util.secrets import SecretValues
+from pilot.util.threads import WorkerPool
 
 Options = PilotOptions
 
@@ -160,7 +160,10 @@ def makeService(options: PilotOptions) -> IService:
         PilotTLSPolicy(own, present_proxy=False, with_system_cas=True),
         connect_timeout=CONNECT_TIMEOUT,
     )
-    in_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    # the pilot's own pools: the reactor's default pool never holds the pilot's work
+    blocking = WorkerPool(reactor, BLOCKING_THREADS, "pilot-blocking")
+    checksums = WorkerPool(reactor, CHECKSUM_THREADS, "pilot-checksums")
+    in_thread = blocking.runner
     staging = StagingSetup(
         storage=config.storagedata or StorageData(),
         http=storage.http,
@@ -169,6 +172,7 @@ def makeService(options: PilotOptions) -> IService:
         parallel=config.transfer_parallelism,
         progress_interval=config.transfer_progress,
         records_dir=config.workdir,
+        checksum_runner=checksums.runner,
     )
     service = PilotService(
         config,
@@ -183,7 +187,12 @@ def makeService(options: PilotOptions) -> IService:
         staging=staging,
         secrets=secrets,
         pilot_dir=pilot_dir,
-        helpers=[CredentialRefresh(private, reactor, in_thread)],
+        # started in this order before the job loop, stopped in reverse after it
+        helpers=[
+            PoolService(blocking),
+            PoolService(checksums),
+            CredentialRefresh(private, reactor, in_thread),
+        ],
     )
     reactor.callWhenRunning(_install_signal_handlers, service)
     atexit.register(_exit_with_code, service)

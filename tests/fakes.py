@@ -6,6 +6,7 @@
 * ``FakeSpawner``/``FakeProcess``: an ``IReactorProcess`` whose processes end when
   the test says so (pids far above Linux's ``pid_max``, so never a real process).
 * ``FakeProcessControl``: records the signals the runner sends instead of sending them.
+* ``ManualRunner``: a ThreadRunner whose calls wait until the test runs them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import gzip
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, AnyStr
 from urllib.parse import urlencode
@@ -35,31 +37,44 @@ def run_sync(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
     return succeed(f(*args, **kwargs))
 
 
-class QueuedThreads:
+class ManualRunner:
     """A ThreadRunner whose calls wait until the test runs them, in the order it chooses.
 
-    Worker threads finish in any order; running the newest call first shows what
-    happens when a later call overtakes an earlier one.
+    Worker threads finish in any order: ``run_one``/``run_all`` run the oldest call first,
+    ``run_newest_first`` shows what happens when a later call overtakes an earlier one.
+    A function that raises hands the failure to its waiter, as a thread pool does.
     """
 
     def __init__(self) -> None:
-        self.queue: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Deferred[Any]]] = []
+        self.queue: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
+        self.calls = 0
 
     def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        done: Deferred[Any] = Deferred()
-        self.queue.append((f, args, kwargs, done))
-        return done
+        self.calls += 1
+        d: Deferred[Any] = Deferred()
+        self.queue.append((d, partial(f, **kwargs), args))
+        return d
+
+    def _run(self, entry: tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]) -> None:
+        d, f, args = entry
+        try:
+            result = f(*args)
+        except Exception:  # noqa: BLE001 - handed to the waiter, as a thread pool does
+            d.errback()
+        else:
+            d.callback(result)
+
+    def run_one(self) -> None:
+        self._run(self.queue.pop(0))
+
+    def run_all(self) -> None:
+        while self.queue:
+            self.run_one()
 
     def run_newest_first(self) -> None:
         """Run queued calls, newest first, until none is left (calls may queue more)."""
         while self.queue:
-            f, args, kwargs, done = self.queue.pop()
-            try:
-                result = f(*args, **kwargs)
-            except Exception:  # noqa: BLE001 - handed to the waiter, as a thread pool does
-                done.errback()
-            else:
-                done.callback(result)
+            self._run(self.queue.pop())
 
 
 @dataclass
@@ -313,11 +328,24 @@ class FakeSpawner:
 
 @dataclass
 class FakeProcessControl:
-    """Records signals; a fake process group ends on SIGKILL (or on SIGTERM if ``obey_term``)."""
+    """Records signals; a fake process group ends on SIGKILL (or on SIGTERM if ``obey_term``).
+
+    ``members`` are a group's leftovers (processes other than its leader): they make
+    the group alive, die with the group's signal like the leader, and answer
+    ``signal_process`` while alive.  ``scans`` names the threads the scans ran in.
+    """
 
     spawner: FakeSpawner | None = None
     obey_term: bool = True
     signals: list[tuple[int, int, float]] = field(default_factory=list)
+    members: dict[int, set[Descendant]] = field(default_factory=dict)
+    process_signals: list[tuple[int, int]] = field(default_factory=list)
+    scans: list[tuple[str, str]] = field(default_factory=list)
+
+    def _scanned(self, what: str) -> None:
+        import threading
+
+        self.scans.append((what, threading.current_thread().name))
 
     def _process(self, pgid: int) -> FakeProcess | None:
         if self.spawner is None:
@@ -329,22 +357,28 @@ class FakeProcessControl:
 
         clock = self.spawner.clock if self.spawner else None
         self.signals.append((pgid, signum, clock.seconds() if clock else 0.0))
+        deadly = signum == _signal.SIGKILL or (signum == _signal.SIGTERM and self.obey_term)
+        if deadly:
+            self.members.pop(pgid, None)
         process = self._process(pgid)
-        if process is not None and not process.ended:
-            if signum == _signal.SIGKILL or (signum == _signal.SIGTERM and self.obey_term):
-                process.spawner.clock.callLater(0, process.end, 0, signum)
+        if process is not None and not process.ended and deadly:
+            process.spawner.clock.callLater(0, process.end, 0, signum)
 
     def group_alive(self, pgid: int) -> bool:
-        return False
+        return bool(self.members.get(pgid))
 
     def descendants(self, pid: int) -> set[Descendant]:
+        self._scanned("descendants")
         return set()
 
     def descendants_below(self, pid: int, depth: int) -> set[Descendant]:
+        self._scanned("descendants_below")
         return set()
 
     def group_members(self, pgid: int) -> set[Descendant]:
-        return set()
+        self._scanned("group_members")
+        return set(self.members.get(pgid, ()))
 
     def signal_process(self, process: Descendant, signum: int) -> bool:
-        return False
+        self.process_signals.append((process.pid, signum))
+        return any(process in alive for alive in self.members.values())

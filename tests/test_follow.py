@@ -2,20 +2,31 @@
 
 The follower is an optimisation: whatever the writer does (in order, out of order,
 replace, truncate, never create), its result is either the file's true checksum or
-None.  Writers run in threads here, so the interleavings are real ones.
+None.  ``FollowerTests`` run writers and followers in real threads, so the
+interleavings are real ones; ``StepTests`` check on a Clock, with a runner the test
+drives by hand, that no thread is held while the follower waits and that abandoning
+stops it at once.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pilot.staging.follow import ChecksumFollower, _data_end
+from pilot.staging.follow import ChecksumFollower, _data_end, checksum_file
 from pilot.util.checksum import file_facts
+from pilot.util.threads import WorkerPool
+
+from .fakes import ManualRunner, run_sync
+
+reactor: Any = _reactor
 
 BLOCK = 1 << 20
 
@@ -27,15 +38,19 @@ class FollowerTests(TestCase):
         self.dir = Path(self.mktemp())
         self.dir.mkdir(parents=True)
         self.path = self.dir / "input.bin"
+        self.checksums = WorkerPool(reactor, 2, "test-checksum")
+        self.writers = WorkerPool(reactor, 1, "test-writer")
+        for pool in (self.checksums, self.writers):
+            pool.start()
+            self.addCleanup(pool.stop)
 
-    async def follow_while(self, write: object, *, md5: bool = False) -> ChecksumFollower:
+    async def follow_while(self, write: Callable[[], object], *, md5: bool = False) -> ChecksumFollower:
         """Run ``write()`` in a thread while a follower follows ``self.path``; then finish it."""
-        follower = ChecksumFollower(self.path, md5=md5, poll=0.001)
-        following = deferToThread(follower.run)
-        assert callable(write)
-        await deferToThread(write)
-        follower.finish()
-        await following
+        follower = ChecksumFollower(self.path, reactor, self.checksums.runner, md5=md5, poll=0.001)
+        follower.start()
+        await self.writers.run(write)
+        result = await follower.finish()
+        self.assertEqual(result, follower.result)
         return follower
 
     async def test_sequential_writer(self) -> None:
@@ -104,19 +119,106 @@ class FollowerTests(TestCase):
         follower = await self.follow_while(lambda: None)
         self.assertIsNone(follower.result)
 
-    async def test_abandon_stops_a_follower_waiting_for_more(self) -> None:
-        self.path.write_bytes(b"partial")
-        follower = ChecksumFollower(self.path, poll=0.001)
-        started = threading.Event()
-        original = follower._finished.wait
+    async def test_many_followers_share_a_small_pool(self) -> None:
+        """Sixteen followers on a two-thread pool: each holds a thread only for a step."""
+        paths = [self.dir / f"in{i}" for i in range(16)]
+        blocks = [os.urandom(BLOCK // 4) for _ in range(8)]
+        followers = [ChecksumFollower(p, reactor, self.checksums.runner, poll=0.001) for p in paths]
+        for follower in followers:
+            follower.start()
 
-        def wait(timeout: float | None = None) -> bool:
-            started.set()
-            return original(timeout)
+        def write() -> None:
+            handles = [p.open("wb") for p in paths]
+            for block in blocks:
+                for handle in handles:
+                    handle.write(block)
+                    handle.flush()
+            for handle in handles:
+                handle.close()
 
-        follower._finished.wait = wait  # type: ignore[method-assign]
-        following = deferToThread(follower.run)
-        await deferToThread(started.wait, 10)
-        follower.abandon()
-        await following
-        self.assertIsNone(follower.result)
+        await self.writers.run(write)
+        results = [await f.finish() for f in followers]
+        self.assertEqual(results, [file_facts(p) for p in paths])
+
+    async def test_checksum_file_reads_a_finished_file_in_steps(self) -> None:
+        self.path.write_bytes(os.urandom(3 * BLOCK + 17))
+        facts = await checksum_file(self.path, reactor, self.checksums.runner, md5=True)
+        self.assertEqual(facts, file_facts(self.path, md5=True))
+        self.assertIsNone(await checksum_file(self.dir / "absent", reactor, self.checksums.runner))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class StepTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.runner = ManualRunner()
+        self.path = Path(self.mktemp())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.follower = ChecksumFollower(self.path, self.clock, self.runner, poll=0.5, chunk=1024)
+
+    def test_no_thread_is_held_while_waiting(self) -> None:
+        self.follower.start()
+        self.assertEqual(self.runner.calls, 0, "the first step comes at the first tick")
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.runner.queue), 1)
+        self.runner.run_one()  # the file does not exist yet: nothing to read
+        self.assertEqual(self.runner.queue, [])
+        self.assertFalse(self.follower.reading, "between ticks nothing is submitted, nothing held")
+        self.clock.advance(0.4)
+        self.assertEqual(self.runner.calls, 1)
+        self.path.write_bytes(b"x" * 2500)
+        self.clock.advance(0.1)
+        for expected in (1024, 2048, 2500):  # at most one chunk per step, back to back
+            self.runner.run_one()
+            self.assertEqual(self.follower.size, expected)
+        self.runner.run_one()  # nothing more for now
+        self.assertFalse(self.follower.reading)
+        done = self.follower.finish()
+        self.assertEqual(self.clock.getDelayedCalls(), [], "finishing stops the ticks")
+        self.runner.run_one()
+        self.assertEqual(self.successResultOf(done), file_facts(self.path))
+
+    def test_a_busy_follower_skips_ticks(self) -> None:
+        self.path.write_bytes(b"x" * 10)
+        self.follower.start()
+        self.clock.advance(0.5)
+        self.clock.advance(0.5)
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.runner.queue), 1, "one step at a time, however slow the pool")
+
+    def test_abandon_stops_at_once_and_closes_after_the_step(self) -> None:
+        self.path.write_bytes(b"x" * 4096)
+        before = _open_fds()
+        self.follower.start()
+        self.clock.advance(0.5)
+        self.runner.run_one()  # opened, read one chunk; the next step is queued
+        self.assertEqual(len(self.runner.queue), 1)
+        self.follower.abandon()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(self.follower.result)
+        self.assertEqual(_open_fds(), before + 1, "the step in flight still uses the descriptor")
+        self.runner.run_one()
+        self.assertEqual(self.runner.queue, [], "no step after the one in flight")
+        self.assertEqual(_open_fds(), before)
+        self.assertIsNone(self.follower.result)
+        self.assertIsNone(self.successResultOf(self.follower.finish()))
+
+    def test_cancelling_finish_abandons_with_cancelled_error(self) -> None:
+        self.path.write_bytes(b"x" * 4096)
+        done = self.follower.finish()
+        done.cancel()
+        self.failureResultOf(done, CancelledError)
+        self.runner.run_one()
+        self.assertEqual(self.runner.queue, [])
+        self.assertIsNone(self.follower.result)
+
+    def test_synchronous_runner(self) -> None:
+        """With a runner that runs at once (tests elsewhere), finishing reads everything iteratively."""
+        self.path.write_bytes(os.urandom(1 << 20))
+        follower = ChecksumFollower(self.path, self.clock, run_sync, chunk=1024)
+        follower.start()
+        self.assertEqual(self.successResultOf(follower.finish()), file_facts(self.path))
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -5,19 +5,24 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import psutil
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pilot.model.processes import ProcessOutcome
-from pilot.process.runner import ManagedProcess
+from pilot.process.runner import Descendant, ManagedProcess, OSProcessControl
+from pilot.util.threads import PoolStopped, ThreadRunner, WorkerPool
 
 from .events import file_ready, processes_gone
-from .fakes import FakeProcessControl, FakeSpawner
+from .fakes import FakeProcessControl, FakeSpawner, ManualRunner
 
 
 class RealProcessTests(TestCase):
@@ -121,8 +126,8 @@ class RealProcessTests(TestCase):
         self.assertFalse(process.cleaning_up)
 
 
-class EscalationTimingTests(SynchronousTestCase):
-    """TERM → KILL → backstop on a task.Clock (fake processes)."""
+class FakeProcessCase(SynchronousTestCase):
+    """Fake processes on a task.Clock: a 10 s kill grace, a 60 s backstop."""
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -130,7 +135,7 @@ class EscalationTimingTests(SynchronousTestCase):
         self.dir = Path(self.mktemp())
         self.dir.mkdir()
 
-    def _process(self, control: FakeProcessControl) -> ManagedProcess:
+    def _process(self, control: FakeProcessControl, in_thread: ThreadRunner | None = None) -> ManagedProcess:
         return ManagedProcess(
             self.spawner,
             self.clock,
@@ -142,7 +147,12 @@ class EscalationTimingTests(SynchronousTestCase):
             kill_grace=10.0,
             backstop=60.0,
             control=control,
+            in_thread=in_thread,
         )
+
+
+class EscalationTimingTests(FakeProcessCase):
+    """TERM → KILL → backstop on a task.Clock (fake processes)."""
 
     def test_sigkill_after_the_grace(self) -> None:
         control = FakeProcessControl(self.spawner, obey_term=False)
@@ -205,3 +215,157 @@ class EscalationTimingTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(first).exit_code, 2)
         self.assertEqual(self.successResultOf(second).exit_code, 2)
         self.assertEqual(self.successResultOf(process.wait()).exit_code, 2)
+
+
+LEFTOVERS = {Descendant(9_000_001, 1.0), Descendant(9_000_002, 1.0)}
+
+
+class LeftoverSweepTests(FakeProcessCase):
+    """The sweep after a leader ends (issue 11, defect 3): scans in the runner, never inline.
+
+    A leader that left processes behind makes ``processEnded`` walk ``/proc`` and
+    signal each leftover: 250 ms of the reactor thread with 2,000 of them.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.control = FakeProcessControl(self.spawner, obey_term=False)
+        self.runner = ManualRunner()
+
+    def _leaving(self, in_thread: ThreadRunner | None) -> ManagedProcess:
+        return self._process(self.control, in_thread)
+
+    def _end_leaving_leftovers(
+        self, in_thread: ThreadRunner | None, *, after: float = 0.0
+    ) -> tuple[ManagedProcess, int, Deferred[ProcessOutcome]]:
+        """Start a process; ``after`` seconds later its leader exits, two processes left in its group."""
+        process = self._leaving(in_thread)
+        pid = process.start()
+        self.control.members[pid] = set(LEFTOVERS)
+        waiter = process.wait()
+        self.clock.advance(after)
+        self.spawner.processes[-1].end(0)
+        return process, pid, waiter
+
+    def test_leftover_scan_and_signals_run_in_the_runner(self) -> None:
+        process, pid, waiter = self._end_leaving_leftovers(self.runner, after=5)
+        self.assertEqual(self.control.scans, [], "no /proc walk on the reactor thread")
+        self.assertEqual(len(self.runner.queue), 1)
+        self.assertFalse(process.running, "the leader has ended")
+        self.assertNoResult(waiter)
+        self.clock.advance(1)
+        self.runner.run_one()  # the group scan finds the leftovers: TERM to the group now
+        self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 6.0)])
+        self.assertNoResult(waiter)
+        self.runner.run_one()  # each leftover by pid and start time, in the runner too
+        self.assertEqual(
+            sorted(self.control.process_signals),
+            [(d.pid, signal.SIGTERM) for d in sorted(LEFTOVERS, key=lambda d: d.pid)],
+        )
+        outcome = self.successResultOf(waiter)
+        self.assertEqual((outcome.exit_code, outcome.ended), (0, 5.0), "ended when the leader ended")
+        self.assertTrue(process.cleaning_up)
+        self.clock.advance(10)
+        self.assertEqual(self.control.signals[-1], (pid, signal.SIGKILL, 16.0))
+        self.runner.run_all()
+        self.assertFalse(process.cleaning_up)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual([what for what, _ in self.control.scans], ["group_members"])
+
+    def test_without_a_runner_the_sweep_is_inline_as_before(self) -> None:
+        process, pid, waiter = self._end_leaving_leftovers(None)
+        self.successResultOf(waiter)
+        self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 0.0)])
+        self.assertEqual(len(self.control.process_signals), 2)
+        self.assertTrue(process.cleaning_up)
+        self.successResultOf(process.sweep_now())
+        self.assertEqual(self.control.signals[-1], (pid, signal.SIGKILL, 0.0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_nothing_left_means_no_scan_and_no_wait(self) -> None:
+        process = self._leaving(self.runner)
+        process.start()
+        waiter = process.wait()
+        self.spawner.processes[-1].end(3)
+        self.assertEqual(self.successResultOf(waiter).exit_code, 3)
+        self.assertEqual((self.runner.calls, self.control.scans), (0, []))
+
+    def test_terminate_finds_descendants_in_the_runner(self) -> None:
+        process = self._leaving(self.runner)
+        pid = process.start()
+        done = process.terminate("test")
+        self.assertEqual(self.control.scans, [])
+        self.assertEqual(self.control.signals, [], "TERM follows the descendant scan")
+        self.runner.run_one()
+        self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 0.0)])
+        self.clock.advance(10)
+        self.runner.run_all()
+        self.assertEqual(self.control.signals[-1], (pid, signal.SIGKILL, 10.0))
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(done).signal, signal.SIGKILL)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_stopped_pool_still_sweeps(self) -> None:
+        """At shutdown the pool may be gone: leftovers are still signalled (inline)."""
+
+        def stopped(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+            return fail(PoolStopped("stopped"))
+
+        _, pid, waiter = self._end_leaving_leftovers(stopped)
+        self.successResultOf(waiter)
+        self.assertEqual(self.control.signals, [(pid, signal.SIGTERM, 0.0)])
+        self.assertEqual(len(self.control.process_signals), 2)
+
+
+class RecordingControl(OSProcessControl):
+    """The real control, noting the thread every /proc walk ran in."""
+
+    def __init__(self) -> None:
+        self.threads: list[tuple[str, str]] = []
+
+    def group_members(self, pgid: int) -> set[Descendant]:
+        self.threads.append(("group_members", threading.current_thread().name))
+        return super().group_members(pgid)
+
+    def descendants(self, pid: int) -> set[Descendant]:
+        self.threads.append(("descendants", threading.current_thread().name))
+        return super().descendants(pid)
+
+
+class RealSweepInThreadTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.pool = WorkerPool(cast(IReactorFromThreads, reactor), 1, "test-process-scans")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    async def test_leftovers_removed_with_every_scan_in_the_pool(self) -> None:
+        control = RecordingControl()
+        process = ManagedProcess(
+            reactor,
+            reactor,
+            [
+                "/bin/bash",
+                "-c",
+                "for i in 1 2 3; do (trap '' TERM; exec sleep 1000) & done; echo $! > child.pid; exit 0",
+            ],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            cwd=self.dir,
+            stdout=self.dir / "out",
+            stderr=self.dir / "err",
+            kill_grace=0.3,
+            control=control,
+            in_thread=self.pool.runner,
+        )
+        process.start()
+        outcome = await process.wait()
+        self.assertEqual(outcome.exit_code, 0)
+        child = int((self.dir / "child.pid").read_text())
+        self.assertTrue(process.cleaning_up, "the leftovers ignore SIGTERM: SIGKILL is pending")
+        await process.sweep_now()
+        await processes_gone([child], timeout=10)
+        self.assertEqual([what for what, _ in control.threads], ["group_members"])
+        self.assertTrue(all(name.startswith("PoolThread-test-process-scans") for _, name in control.threads))

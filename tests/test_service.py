@@ -26,7 +26,7 @@ from pilot.server.api import ApiMode
 from pilot.server.client import PandaClient, RetryPolicy
 from pilot.service import PilotService
 
-from .fakes import FakeProcessControl, FakeSpawner, QueuedThreads, Scripted, ScriptedPanda, run_sync
+from .fakes import FakeProcessControl, FakeSpawner, ManualRunner, Scripted, ScriptedPanda, run_sync
 
 BASE = "https://panda.example.org:25443"
 T0 = 1_800_000_000.0
@@ -486,7 +486,7 @@ class FirstRunTests(SynchronousTestCase):
         self.assertIn("|RC|txpilot-", h.server.updates(131)[0]["pilot_id"])
 
     def test_lifetime_within_the_margin_asks_nothing_and_leaves_nothing(self) -> None:
-        threads = QueuedThreads()
+        threads = ManualRunner()
         h = ServiceHarness(self, lifetime=100.0, lifetime_margin=180.0, in_thread=threads)
         h.start()
         for _ in range(5):  # threads finish out of order: the status file write comes last

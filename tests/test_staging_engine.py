@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,7 +22,8 @@ from zope.interface.verify import verifyObject
 from pilot.errorcodes import ErrorCode
 from pilot.model.job import Checksum
 from pilot.staging.credentials import Credentials
-from pilot.staging.engine import StagingEngine
+from pilot.staging.engine import MAX_PARALLEL, StagingEngine
+from pilot.staging.follow import ChecksumFollower
 from pilot.staging.interfaces import IBulkCopyTool, ICopyTool
 from pilot.staging.plan import FileTransfer
 from pilot.staging.record import TransferRecord
@@ -112,7 +113,7 @@ class EngineHarness:
             logdir=self.workdir / "logs",
             credentials=Credentials({}),
         )
-        engine.setdefault("follow_threshold", None)  # in_thread is synchronous here
+        engine.setdefault("follow_threshold", 0)  # every verified input is followed (no thread is held)
         self.engine = StagingEngine(self.registry, self.context, **engine)
 
     def inbound(self, lfn: str, data: bytes, remotes: list[str], *, size: int | None = -1) -> FileTransfer:
@@ -127,6 +128,14 @@ class EngineHarness:
             activity="pr",
             attempts=[Attempt("fake", r, r.split(":")[0]) for r in remotes],
         )
+
+    def hanging(self, n: int, data: bytes = b"x") -> list[FileTransfer]:
+        """``n`` inbound transfers whose copies never finish by themselves."""
+        transfers = []
+        for i in range(n):
+            self.tool.hang.add(f"A:f{i}")
+            transfers.append(self.inbound(f"f{i}", data, [f"A:f{i}"]))
+        return transfers
 
     def run(self, transfers: list[FileTransfer], **kw: Any) -> Deferred[None]:
         return Deferred.fromCoroutine(self.engine.run(transfers, **kw))
@@ -213,10 +222,7 @@ class StageInTests(SynchronousTestCase):
 
     def test_parallel_limit(self) -> None:
         h = EngineHarness(self, parallel=2)
-        transfers = []
-        for i in range(5):
-            h.tool.hang.add(f"A:f{i}")
-            transfers.append(h.inbound(f"f{i}", b"partial", [f"A:f{i}"]))
+        transfers = h.hanging(5, b"partial")
         d = h.run(transfers)
         self.assertEqual(h.tool.running, 2)
         for _ in range(5):
@@ -256,6 +262,16 @@ class StageInTests(SynchronousTestCase):
         self.assertEqual(h.tool.calls, ["A:f1"])
         assert second.error is not None
         self.assertIn("cancelled", second.error.detail)
+
+    def test_cancelling_the_run_raises_cancelled_error(self) -> None:
+        """A cancelled stage-in is a cancellation, never STAGEINFAILED for the job."""
+        h = EngineHarness(self, parallel=2)
+        d = h.run(h.hanging(3))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(h.tool.running, 0)
+        self.assertEqual(h.tool.calls, ["A:f0", "A:f1"], "the third is never started")
+        self.assertEqual(h.clock.getDelayedCalls(), [])
 
     def test_record_lets_a_restarted_pilot_skip_done_files(self) -> None:
         h = EngineHarness(self)
@@ -360,6 +376,79 @@ class BulkTests(SynchronousTestCase):
         self.assertEqual([t.done for t in transfers], [False, True, True])
         assert transfers[0].error is not None
         self.assertEqual(transfers[0].error.code, ErrorCode.STAGEINTIMEOUT)
+
+
+class StepLog:
+    """A synchronous checksum runner that notes which followers read (and how often)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.followers: list[ChecksumFollower] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.calls += 1
+        owner = getattr(f, "__self__", None)
+        if isinstance(owner, ChecksumFollower) and owner not in self.followers:
+            self.followers.append(owner)
+        return run_sync(f, *args, **kwargs)
+
+
+class FollowerUseTests(SynchronousTestCase):
+    """The engine's checksum followers, on the Clock, with a synchronous checksum runner."""
+
+    def test_input_is_checksummed_while_written_and_not_read_again(self) -> None:
+        steps = StepLog()
+        h = EngineHarness(self, checksum_runner=steps)
+        h.tool.hang.add("A:f1")  # writes b"partial", then waits for release
+        data = b"partial" + bytes(range(256)) * 40
+        t = h.inbound("f1", data, ["A:f1"])
+        d = h.run([t])
+        h.clock.advance(0.05)
+        (follower,) = steps.followers
+        self.assertEqual(follower.size, 7, "read what was there while the tool still ran")
+        with (h.workdir / "f1").open("ab") as handle:
+            handle.write(data[7:])
+        h.tool.release()
+        self.successResultOf(d)
+        self.assertTrue(t.done, t.error)
+        self.assertEqual(steps.followers, [follower], "the followed checksum was used: no second read")
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_a_bad_copy_is_caught_by_the_follower(self) -> None:
+        h = EngineHarness(self, checksum_runner=StepLog())
+        h.tool.files["A:f1"] = b"dat4"
+        h.tool.files["B:f1"] = b"data"
+        t = h.inbound("f1", b"data", ["A:f1", "B:f1"])
+        self.successResultOf(h.run([t]))
+        self.assertEqual((t.done, t.tries), (True, 2))
+
+    def test_cancelled_transfer_stops_its_follower(self) -> None:
+        steps = StepLog()
+        h = EngineHarness(self, checksum_runner=steps, parallel=1)
+        h.tool.hang.add("A:f2")
+        first = h.inbound("f1", b"x", ["A:f1"])  # missing everywhere: fails for good
+        second = h.inbound("f2", b"x", ["A:f2"])
+        h.tool.files["A:f0"] = b"y"
+        d = h.run([h.inbound("f0", b"y", ["A:f0"]), second, first], stop_on_failure=False)
+        h.clock.advance(0.05)
+        calls = steps.calls
+        self.assertGreater(calls, 0)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        h.clock.advance(10)
+        self.assertEqual(steps.calls, calls, "no step after the cancellation")
+
+    def test_parallelism_is_clamped(self) -> None:
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.assertEqual(EngineHarness(self, parallel=10_000).engine.parallel, MAX_PARALLEL)
+        self.assertEqual(EngineHarness(self, parallel=0).engine.parallel, 1)
+        self.assertEqual(EngineHarness(self, parallel=16).engine.parallel, 16)
+        clamped = [e for e in events if e.get("event") == "transfer.parallelism_clamped"]
+        self.assertEqual([(e["asked"], e["used"]) for e in clamped], [(10_000, MAX_PARALLEL), (0, 1)])
 
 
 class StageOutTests(SynchronousTestCase):

@@ -25,6 +25,7 @@ from pilot.model.job import Job
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 from pilot.queuedata import QueueData
 from pilot.staging.tools.base import CommandWrapper
+from pilot.util.threads import ThreadRunner
 
 
 def _in_system_tree(path: Path) -> bool:
@@ -78,6 +79,8 @@ class ProcessLauncher:
         kill_grace: float = 10.0,
         control: ProcessControl = OS_PROCESS_CONTROL,
         gate: Callable[[], None] = lambda: None,
+        in_thread: ThreadRunner | None = None,
+        output_mode: int = 0o600,
     ) -> None:
         self.spawner = spawner
         self.clock = clock
@@ -92,6 +95,8 @@ class ProcessLauncher:
         #: Called before any process is built: raises once the job is aborted, so that
         #: nothing new starts after a signal or a kill.
         self.gate = gate
+        self.in_thread = in_thread
+        self.output_mode = output_mode
         self.runtimes_used: dict[str, str] = {}  # role → runtime, for the job summary
 
     def wrap(
@@ -158,6 +163,8 @@ class ProcessLauncher:
             name=f"{name} of job {self.job.panda_id}",
             control=self.control,
             soft_stop_depth=launch.shield_levels,
+            in_thread=self.in_thread,
+            output_mode=self.output_mode,
         )
 
     def copytool_wrapper(self, role: str) -> CommandWrapper | None:

@@ -121,6 +121,7 @@ async def create_log_tarball(
         kill_grace=5.0,
         name=f"log tarball of {panda_id}",
         control=control,
+        in_thread=in_thread,
     )
     timeout = tarball_timeout(scan.total_bytes)
     try:

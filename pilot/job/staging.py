@@ -55,6 +55,9 @@ class StagingSetup:
     parallel: int = 4
     progress_interval: float = 60.0
     records_dir: Path | None = None
+    #: Where checksums are computed while inputs arrive (a small pool of their own, so that
+    #: they never hold up the short blocking calls); None: the staging tools' runner.
+    checksum_runner: ThreadRunner | None = None
 
 
 @dataclass
@@ -141,6 +144,7 @@ class JobStaging:
             parallel=setup.parallel,
             progress_interval=setup.progress_interval,
             record=record,
+            checksum_runner=setup.checksum_runner,
         )
         self._in_thread = in_thread
 

@@ -38,7 +38,8 @@ class JobSummary:
     transfers: list[dict[str, Any]] = field(default_factory=list)
     processes: list[ProcessRecord] = field(default_factory=list)
     runtimes: dict[str, str] = field(default_factory=dict)
-    reactor: dict[str, float] = field(default_factory=dict)
+    #: The reactor's lateness while the job ran (``pilot.monitor.lag``): max, mean, histogram.
+    reactor: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

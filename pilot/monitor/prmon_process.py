@@ -62,8 +62,10 @@ class ExternalPrmon:
         environ: Mapping[str, str],
         interval: float,
         control: ProcessControl = OS_PROCESS_CONTROL,
+        in_thread: ThreadRunner | None = None,
     ) -> None:
         self.workdir = workdir
+        self._in_thread = in_thread
         self._spawner = spawner
         self._clock = clock
         self._program = program
@@ -84,6 +86,7 @@ class ExternalPrmon:
             kill_grace=10.0,
             name="prmon",
             control=self._control,
+            in_thread=self._in_thread,
         )
         try:
             process.start()

@@ -42,6 +42,7 @@ from pilot.job.pipeline import JobRun
 from pilot.job.staging import StagingSetup
 from pilot.job.summary import JobSummary, utc_text
 from pilot.logs import pilot_observer
+from pilot.monitor.lag import ReactorLagProbe
 from pilot.monitor.status import STATUS_NAME, StatusFile
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
@@ -54,6 +55,10 @@ from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
 T = TypeVar("T")
+
+#: Largest transformation the pilot downloads.  Downloads stream to disk (memory is not
+#: at stake); the bound keeps a wrong URL from filling the work directory.
+TRANSFORMATION_LIMIT = 1 << 30
 
 #: A job request is not made with less lifetime left than this (seconds).
 MIN_REMAINING_FOR_JOB = 60.0
@@ -84,6 +89,7 @@ class JobLoop(Service):
         on_job_done: Callable[[JobSummary], None] = lambda summary: None,
         secrets: SecretValues | None = None,
         pilot_dir: Path | None = None,
+        lag_probe: ReactorLagProbe | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -100,6 +106,8 @@ class JobLoop(Service):
         self._wall = wall
         self._on_job_done = on_job_done
         self._secrets = secrets if secrets is not None else SecretValues()
+        #: Measures the reactor's lateness while a job runs (its figures join the job's summary).
+        self._lag = lag_probe if lag_probe is not None else ReactorLagProbe(clock)
         self.staging = staging or StagingSetup(
             storage=config.storagedata or StorageData(), records_dir=config.workdir
         )
@@ -214,7 +222,11 @@ class JobLoop(Service):
                     self.config.modes.directory,
                 )
             self.downloads = DownloadCache(
-                self._client, self.pilot_dir / "downloads", self._clock, self._in_thread
+                self._client,
+                self.pilot_dir / "downloads",
+                self._clock,
+                self._in_thread,
+                limit=TRANSFORMATION_LIMIT,
             )
             self.status = StatusFile(self.pilot_dir / STATUS_NAME, self._in_thread)
             self.status.update(
@@ -410,10 +422,14 @@ class JobLoop(Service):
         self._current = run
         if self._stop_code is not None:  # a stop arrived while the job was being fetched
             run.abort(self._stop_code, "the pilot is stopping")
+        self._lag.reset()
+        self._lag.start()
         try:
             summary = await run.run()
         finally:
+            self._lag.stop()
             self._current = None
+        summary.reactor = self._lag.snapshot()
         self.summaries.append(summary)
         if self.status is not None:
             pilot_section = dict(self.status.document.get("pilot", {}), jobs=len(self.summaries))

@@ -5,9 +5,10 @@ until one succeeds.  Each attempt has a time-out that grows with the file's size
 (enforced on the injected clock by cancelling the tool's Deferred, which kills a
 tool's process group); long transfers log their progress at a fixed interval.
 Inputs are checked after the copy — size, then adler32 or md5 against the job
-definition, computed in a thread (or while the bytes streamed in) — and a bad copy
-is deleted before the next attempt.  Outputs are checked at the far end where the
-tool can.  Up to ``parallel`` files move at once.  Every finished transfer goes to
+definition, computed in bounded steps in the checksum pool (or while the bytes
+streamed in, ``follow.py``) — and a bad copy is deleted before the next attempt.
+Outputs are checked at the far end where the tool can.  Up to ``parallel`` files
+move at once (at most ``MAX_PARALLEL``, whatever the caller asks).  Every finished transfer goes to
 the durable ``TransferRecord``; a file the record shows as already done (and still
 intact) is not copied again.
 """
@@ -33,85 +34,27 @@ from twisted.logger import Logger
 from pilot.errorcodes import ErrorCode
 from pilot.logs import pilot_observer
 from pilot.model.job import Checksum
-from pilot.staging.follow import ChecksumFollower
+from pilot.staging.follow import ChecksumFollower, checksum_file
 from pilot.staging.interfaces import IBulkCopyTool
 from pilot.staging.plan import FileTransfer
+from pilot.staging.progress import Progress
 from pilot.staging.record import RecordEntry, TransferRecord
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.tools.base import ToolContext
 from pilot.staging.transfer import Attempt, CopyRequest, CopyResult, Direction, TransferError, timeout_for
 from pilot.util.checksum import FileFacts, file_facts
+from pilot.util.threads import ThreadRunner
 
 #: Inputs at least this large are checksummed while they are written (``follow.py``).
 FOLLOW_THRESHOLD = 32 << 20
 
+#: The most transfers at once, whatever the caller asks: the option is validated
+#: upstream, this only keeps a bad value from starting hundreds of copytools.
+MAX_PARALLEL = 64
+
 
 def _facts_value(facts: FileFacts, algorithm: str) -> str | None:
     return facts.adler32 if algorithm == "adler32" else facts.md5
-
-
-def _size_text(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-class _Progress:
-    """Bytes moved so far by one attempt, reported at a fixed interval."""
-
-    log = Logger(observer=pilot_observer)
-
-    def __init__(self, transfer: FileTransfer, attempt: Attempt, started: float, clock: Any) -> None:
-        self._transfer = transfer
-        self._attempt = attempt
-        self._started = started
-        self._clock = clock
-        self.reported: int | None = None
-
-    def update(self, count: int) -> None:
-        self.reported = count
-
-    def current(self) -> int | None:
-        if self.reported is not None:
-            return self.reported
-        if self._transfer.direction is Direction.IN:
-            try:
-                return os.stat(self._transfer.local).st_size
-            except OSError:
-                return 0
-        return None
-
-    def report(self) -> None:
-        elapsed = max(1e-6, self._clock.seconds() - self._started)
-        done = self.current()
-        total = self._transfer.size
-        if done is None:
-            self.log.info(
-                "{lfn}: {tool} running for {elapsed:.0f} s",
-                lfn=self._transfer.lfn,
-                tool=self._attempt.tool,
-                elapsed=elapsed,
-                event="transfer.progress",
-            )
-            return
-        rate = done / elapsed
-        eta = (total - done) / rate if total and rate > 0 else None
-        self.log.info(
-            "{lfn}: {done_text}{of} at {rate_text}/s{eta_text}",
-            lfn=self._transfer.lfn,
-            done_text=_size_text(done),
-            of=f" of {_size_text(total)} ({100 * done / total:.0f} %)" if total else "",
-            rate_text=_size_text(rate),
-            eta_text=f", ETA {eta:.0f} s" if eta is not None else "",
-            bytes=done,
-            total=total,
-            rate=rate,
-            eta=eta,
-            tool=self._attempt.tool,
-            event="transfer.progress",
-        )
 
 
 class StagingEngine:
@@ -129,10 +72,21 @@ class StagingEngine:
         timeout_rate: float = 1e6,
         follow_threshold: int | None = FOLLOW_THRESHOLD,
         bulk_size: int = 32,
+        checksum_runner: ThreadRunner | None = None,
     ) -> None:
         self.registry = registry
         self.context = context
-        self.parallel = max(1, parallel)
+        self.parallel = min(max(1, parallel), MAX_PARALLEL)
+        if self.parallel != parallel:
+            self.log.warn(
+                "transfer parallelism {asked} out of range: using {used}",
+                asked=parallel,
+                used=self.parallel,
+                event="transfer.parallelism_clamped",
+            )
+        #: Where checksums are read, in bounded steps (a small pool of its own in the
+        #: pilot); the tools' short blocking calls stay on ``context.in_thread``.
+        self.checksum_runner: ThreadRunner = checksum_runner or context.in_thread
         self.progress_interval = progress_interval
         self.follow_threshold = follow_threshold
         self.record = record
@@ -151,6 +105,8 @@ class StagingEngine:
 
         With ``stop_on_failure`` (stage-in: one missing input dooms the job) the
         remaining transfers are cancelled as soon as one file has failed for good.
+        Cancelling the run cancels every transfer and raises CancelledError (it is
+        never turned into transfer errors).
         """
         if self.record is not None and self._recorded is None:
             self._recorded = await self.context.in_thread(self.record.load)
@@ -161,7 +117,7 @@ class StagingEngine:
         def cancel_rest(_: object) -> None:
             self._stopping = True
             for d in pending:
-                if not d.called:
+                if not d.called:  # not started yet; running ones finish (their errors stay theirs)
                     d.cancel()
 
         for unit in self._units(transfers):
@@ -169,7 +125,22 @@ class StagingEngine:
             if stop_on_failure:
                 d.addCallback(self._stop_others_if_failed, unit, cancel_rest)
             pending.append(d)
-        await DeferredList(pending, consumeErrors=True)
+        cancelled: list[bool] = []
+
+        def cancel_all(_: object) -> None:
+            cancelled.append(True)
+            self._stopping = True
+            for d in pending:
+                # the running ones too: a unit's Deferred has fired (the semaphore was
+                # acquired) and waits on its transfer, which cancel() then cancels
+                d.cancel()
+
+        gathered = DeferredList(pending, consumeErrors=True)
+        waiter: Deferred[object] = Deferred(cancel_all)
+        gathered.addBoth(lambda _: None if waiter.called else waiter.callback(None))
+        await waiter
+        if cancelled:  # DeferredList swallows its members' CancelledError
+            raise CancelledError()
         for transfer in transfers:
             if not transfer.done and transfer.error is None:
                 code = (
@@ -363,11 +334,12 @@ class StagingEngine:
         tool = self.registry.get(attempt.tool)
         timeout = timeout_for(transfer.size, base=self.timeout_base, rate=self.timeout_rate)
         started = self.clock.seconds()
-        progress = _Progress(transfer, attempt, started, self.clock)
+        progress = Progress(transfer, attempt, started, self.clock)
         request = self._request(transfer, attempt, timeout, progress)
         method = tool.copy_in if transfer.direction is Direction.IN else tool.copy_out
         follower = self._follower(transfer)
-        following = self.context.in_thread(follower.run) if follower is not None else None
+        if follower is not None:
+            follower.start()
         running: Deferred[CopyResult] = maybeDeferred(method, request, self.context)
         expired: list[bool] = []
 
@@ -398,11 +370,10 @@ class StagingEngine:
             if timer.active():
                 timer.cancel()
             reporter.stop()
-            if follower is not None and following is not None:
-                follower.finish() if succeeded else follower.abandon()
-                await following
+            if follower is not None and not succeeded:
+                follower.abandon()
         if transfer.direction is Direction.IN:
-            followed = follower.result if follower is not None else None
+            followed = await follower.finish() if follower is not None else None
             await self._verify_input(transfer, result, followed)
         elif result.remote_checksum is not None and transfer.checksum is not None:
             if result.remote_checksum != transfer.checksum:
@@ -418,7 +389,7 @@ class StagingEngine:
         return result
 
     def _request(
-        self, transfer: FileTransfer, attempt: Attempt, timeout: float, progress: _Progress | None
+        self, transfer: FileTransfer, attempt: Attempt, timeout: float, progress: Progress | None
     ) -> CopyRequest:
         return CopyRequest(
             direction=transfer.direction,
@@ -438,10 +409,10 @@ class StagingEngine:
         )
 
     def _follower(self, transfer: FileTransfer) -> ChecksumFollower | None:
-        """A checksum-while-copying thread for a large verified input, else None.
+        """A checksum-while-copying follower for a large verified input, else None.
 
-        ``follow_threshold=None`` turns it off: needed where ``in_thread`` is not a real
-        thread (the follower waits for ``finish`` and would block a synchronous runner).
+        The follower holds no thread while it waits (``follow.py``), so it works with
+        any runner, a synchronous one included; ``follow_threshold=None`` turns it off.
         """
         if (
             self.follow_threshold is None
@@ -450,7 +421,9 @@ class StagingEngine:
             or (transfer.size or 0) < self.follow_threshold
         ):
             return None
-        return ChecksumFollower(transfer.local, md5=transfer.checksum.algorithm == "md5")
+        return ChecksumFollower(
+            transfer.local, self.clock, self.checksum_runner, md5=transfer.checksum.algorithm == "md5"
+        )
 
     async def _verify_input(
         self, transfer: FileTransfer, result: CopyResult, followed: FileFacts | None = None
@@ -474,10 +447,14 @@ class StagingEngine:
         elif followed is not None and _facts_value(followed, expected.algorithm) == expected.value:
             actual = expected  # read while it was written, and the name still holds those bytes
         else:
-            facts: FileFacts = await self.context.in_thread(
-                file_facts, transfer.local, md5=expected.algorithm == "md5"
+            read = await checksum_file(
+                transfer.local, self.clock, self.checksum_runner, md5=expected.algorithm == "md5"
             )
-            value = facts.adler32 if expected.algorithm == "adler32" else (facts.md5 or "")
+            if read is None or read.size != size:
+                raise TransferError(
+                    ErrorCode.STAGEINFAILED, f"{transfer.lfn}: the copy changed while it was verified"
+                )
+            value = read.adler32 if expected.algorithm == "adler32" else (read.md5 or "")
             actual = Checksum(expected.algorithm, value)
         if actual != expected:
             code = ErrorCode.GETADMISMATCH if expected.algorithm == "adler32" else ErrorCode.GETMD5MISMATCH
@@ -499,7 +476,8 @@ class StagingEngine:
             if transfer.checksum is None or entry.adler32 != transfer.checksum.value:
                 return False
         else:
-            if not await self.context.in_thread(_same_file, entry, transfer):
+            # reads the whole file (and may copy it): long work, so the checksum pool's
+            if not await self.checksum_runner(_same_file, entry, transfer):
                 return False
         transfer.done = True
         transfer.from_record = True

@@ -235,7 +235,7 @@ class FinishPhase:
             return
         last = ctx.control.process
         if last is not None and last.cleaning_up:
-            last.sweep_now()
+            await last.sweep_now()
         logs = [entry.path for entry in ctx.reported if entry.is_log]
         await ctx.env.in_thread(_remove, ctx.workdir, logs)
 

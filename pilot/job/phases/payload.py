@@ -152,7 +152,7 @@ class PayloadRun:
         if program is not None:
             prmon = ExternalPrmon(
                 env.spawner, env.clock, program, workdir, environ=self.environ,
-                interval=settings.memory_interval, control=env.process_control,
+                interval=settings.memory_interval, control=env.process_control, in_thread=env.in_thread,
             )  # fmt: skip
             ctx.prmon = prmon if prmon.start(pid) else None
             if ctx.prmon is not None and ctx.prmon.record is not None:

@@ -123,4 +123,6 @@ class SetupPhase:
             kill_grace=env.config.kill_grace,
             control=env.process_control,
             gate=self.ctx.control.check,
+            in_thread=env.in_thread,
+            output_mode=env.config.modes.file,
         )

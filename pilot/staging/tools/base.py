@@ -103,6 +103,7 @@ async def run_command(
         name=f"{tool} {request.lfn}",
         control=context.control,
         soft_stop_depth=shield,
+        in_thread=context.in_thread,
     )
     try:
         process.start()
