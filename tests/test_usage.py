@@ -10,12 +10,13 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from pilot.process.runner import ManagedProcess
 from pilot.process.usage import TreeUsage, tree_usage, tree_usage_in_thread
 from pilot.util.threads import WorkerPool
+
+from .events import file_ready
 
 reactor: Any = _reactor
 
@@ -43,8 +44,7 @@ class TreeUsageTests(TestCase):
         )
         pid = process.start()
         self.addCleanup(process.terminate, "test over")
-        while not (self.dir / "ready").exists():
-            await deferLater(reactor, 0.02, lambda: None)
+        await file_ready(self.dir / "ready", ready=lambda path: path.exists())
         threads: list[str] = []
 
         def recording(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
