@@ -8,7 +8,6 @@ holds the current job, its state and phase, its resource use and the last transf
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,6 @@ from pilot.util.files import write_text_atomically
 from pilot.util.threads import ThreadRunner
 
 STATUS_NAME = "pilot_status.json"
-
-
-def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
-    """Write ``document`` so that a reader sees the old or the new file, never half of one."""
-    text = json.dumps(document, indent=1, sort_keys=True, default=str) + "\n"
-    write_text_atomically(path, text, durable=False)  # rewritten at every heartbeat
 
 
 class StatusFile:
@@ -57,9 +50,10 @@ class StatusFile:
         try:
             while self._dirty:
                 self._dirty = False
-                snapshot = json.loads(json.dumps(self._document, default=str))
+                # the text is made here, on the reactor: the document may change meanwhile
+                text = json.dumps(self._document, indent=1, sort_keys=True, default=str) + "\n"
                 try:
-                    await self._in_thread(write_json_atomically, self.path, snapshot)
+                    await self._in_thread(write_text_atomically, self.path, text, durable=False)
                 except OSError:
                     return  # a status file is a convenience: never fail a job for it
         finally:

@@ -21,6 +21,8 @@ pilot's private copies (``pilot.util.private``) rather than the site's originals
 from __future__ import annotations
 
 import fnmatch
+import functools
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -81,7 +83,13 @@ DENIED: tuple[str, ...] = (
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    return _globs(patterns).fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled pattern for a set of case-sensitive globs."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns) or "(?!)")
 
 
 def is_denied(name: str) -> bool:

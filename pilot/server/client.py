@@ -139,7 +139,8 @@ class Download:
 
 def gzip_bytes(data: bytes) -> bytes:
     """``data`` in gzip format (what ``gzip.compress`` makes, without importing ``gzip``)."""
-    compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip header
+    # level 1: update bodies are a few kB of JSON, where it compresses nearly as well as 6
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip header
     return compressor.compress(data) + compressor.flush()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import functools
 import json
 import re
 import threading
@@ -88,8 +89,13 @@ CREDENTIAL_VARIABLES: tuple[str, ...] = SECRET_VALUE_VARIABLES + CREDENTIAL_LOCA
 
 def name_matches(name: str, patterns: Iterable[str]) -> bool:
     """Whether the variable ``name`` matches one of the globs (case-insensitive)."""
-    upper = name.upper()
-    return any(fnmatch.fnmatchcase(upper, pattern.upper()) for pattern in patterns)
+    return globs(tuple(patterns)).fullmatch(name.upper()) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled pattern for a set of upper-case globs (environment filters run per process)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p.upper())})" for p in patterns) or "(?!)")
 
 
 def is_secret_value_variable(name: str) -> bool:
