@@ -64,6 +64,11 @@ class ManualRunner:
         else:
             d.callback(result)
 
+    @property
+    def names(self) -> list[str]:
+        """The names of the functions waiting to run, oldest first."""
+        return [getattr(f, "func", f).__name__ for _, f, _ in self.queue]
+
     def run_one(self) -> None:
         self._run(self.queue.pop(0))
 

@@ -37,7 +37,7 @@ from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
 from pilot.server.client import JobUpdate, ServerUnavailable, StatusCode, UpdateResult
 
-from .fakes import FakeProcessControl, FakeSpawner, run_sync
+from .fakes import FakeProcessControl, FakeSpawner, ManualRunner, run_sync
 
 T0 = 1_800_000_000.0
 
@@ -158,6 +158,38 @@ class SetupPhaseTests(SynchronousTestCase):
         self.assertEqual(h.reporter.updates, [])
 
 
+class BlockingCallTests(SynchronousTestCase):
+    """File-system work of a job goes through its ThreadRunner, never the reactor thread."""
+
+    def test_work_directory_is_made_in_a_worker_thread(self) -> None:
+        h = PhaseHarness(self)
+        threads = ManualRunner()
+        h.in_thread = threads
+        running = h.run(SetupPhase)
+        self.assertEqual(threads.names, ["make_workdir"])
+        self.assertFalse((h.env.pilot_dir / "PanDA_Pilot-7").exists(), "nothing done on the reactor")
+        threads.run_all()
+        h.in_thread = run_sync
+        threads.run_all()
+        self.successResultOf(running)
+        self.successResultOf(Deferred.fromCoroutine(h.ctx.heartbeat.stop()))  # type: ignore[union-attr]
+
+    def test_heartbeat_walks_the_process_tree_in_a_worker_thread(self) -> None:
+        h = PhaseHarness(self)
+        h.set_up()
+        running = h.run(ExecutePhase)
+        threads = ManualRunner()
+        h.in_thread = threads
+        beat = Deferred.fromCoroutine(h.ctx.beat())
+        self.assertEqual(threads.names, ["tree_usage"])
+        threads.run_all()
+        self.successResultOf(beat)
+        h.in_thread = run_sync
+        h.spawner.last_payload().end(0)
+        h.clock.advance(0)
+        self.successResultOf(running)
+
+
 class ExecutePhaseTests(SynchronousTestCase):
     def test_payload_runs_and_its_outcome_is_kept(self) -> None:
         h = PhaseHarness(self)
@@ -166,6 +198,9 @@ class ExecutePhaseTests(SynchronousTestCase):
         payload = h.spawner.last_payload()
         self.assertEqual(payload.command[-1], "/bin/echo hello")
         self.assertEqual(h.ctx.lifecycle.phase, JobPhase.RUNNING)
+        assert h.ctx.workdir is not None
+        for name in ("payload.stdout", "payload.stderr"):
+            self.assertEqual(stat.S_IMODE((h.ctx.workdir / name).stat().st_mode), 0o600, name)
         payload.end(0)
         h.clock.advance(0)
         self.successResultOf(running)

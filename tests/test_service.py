@@ -485,6 +485,16 @@ class FirstRunTests(SynchronousTestCase):
         self.assertEqual(request["job_type"], "user")
         self.assertIn("|RC|txpilot-", h.server.updates(131)[0]["pilot_id"])
 
+    def test_a_missing_queue_configuration_names_its_url_once(self) -> None:
+        events = self.events()
+        url = f"{BASE}/cache/schedconfig/NOPE.all.json"
+        h = ServiceHarness(self, queuedata=None, queuedata_source=url)
+        h.start()
+        self.assertEqual(h.service.exit_code, ExitCode.QUEUEDATA)
+        (failed,) = [e for e in events if e.get("event") == "pilot.startup_failed"]
+        text = formatEvent(failed)
+        self.assertEqual(text.count(url), 1, text)
+
     def test_lifetime_within_the_margin_asks_nothing_and_leaves_nothing(self) -> None:
         threads = ManualRunner()
         h = ServiceHarness(self, lifetime=100.0, lifetime_margin=180.0, in_thread=threads)
