@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -180,7 +180,7 @@ class BlockingCallTests(SynchronousTestCase):
         running = h.run(ExecutePhase)
         threads = ManualRunner()
         h.in_thread = threads
-        beat = Deferred.fromCoroutine(h.ctx.beat())
+        beat: Deferred[None] = ensureDeferred(h.ctx.beat())
         self.assertEqual(threads.names, ["tree_usage"])
         threads.run_all()
         self.successResultOf(beat)
