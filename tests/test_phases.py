@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -109,7 +109,7 @@ class PhaseHarness:
         )
         job = parse_job(raw)
         self.ctx = JobContext(self.env, job, JobSummary(panda_id=job.panda_id, state="received"))
-        JobBeats(self.ctx)  # heartbeat body and command handling, as the job run sets them up
+        self.beats = JobBeats(self.ctx)  # heartbeat body and command handling, as the job run sets them up
 
     def _download(self, url: str) -> Deferred[bytes]:
         waiting: Deferred[bytes] = Deferred()
@@ -180,7 +180,7 @@ class BlockingCallTests(SynchronousTestCase):
         running = h.run(ExecutePhase)
         threads = ManualRunner()
         h.in_thread = threads
-        beat: Deferred[None] = ensureDeferred(h.ctx.beat())
+        beat = Deferred.fromCoroutine(h.beats.beat())
         self.assertEqual(threads.names, ["tree_usage"])
         threads.run_all()
         self.successResultOf(beat)
