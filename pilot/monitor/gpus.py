@@ -8,7 +8,6 @@ per model with its count, for ``update_worker_node_gpu`` (``pilot.monitor.worker
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -105,6 +104,8 @@ def nvidia_architecture(model: str) -> str | None:
 def parse_nvidia_smi(output: str, cuda_version: str | None = None) -> list[Gpu]:
     """``nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits``."""
     found = []
+    import csv  # only nodes with NVIDIA GPUs need it
+
     for row in csv.reader(io.StringIO(output), skipinitialspace=True):
         if len(row) != 3 or not row[0].strip():
             continue
