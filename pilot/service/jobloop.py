@@ -259,15 +259,17 @@ class JobLoop(Service):
         )
         return await self._job_loop()
 
+    async def _document(self, source: str, what: str) -> bytes:
+        """A configuration document from ``source``; PilotError(QUEUEDATA) if it cannot be had."""
+        try:
+            return await self._fetch(source)
+        except ServerError as exc:  # the message names the URL
+            raise PilotError(ErrorCode.QUEUEDATA, f"cannot download the {what}: {exc}") from None
+
     async def _load_queuedata(self) -> None:
         source = self.config.queuedata_source
         if source and self.config.queuedata is None:
-            try:
-                data = await self._fetch(source)
-            except ServerError as exc:
-                raise PilotError(
-                    ErrorCode.QUEUEDATA, f"cannot download the queue configuration: {exc}"
-                ) from None
+            data = await self._document(source, "queue configuration")
             self.queuedata = parse_queuedata(data, self.config.queue)
         elif self.config.queuedata is None:
             self.log.warn(
@@ -278,12 +280,7 @@ class JobLoop(Service):
             )
         storage_source = self.config.storagedata_source
         if storage_source and self.config.storagedata is None:
-            try:
-                data = await self._fetch(storage_source)
-            except ServerError as exc:
-                raise PilotError(
-                    ErrorCode.QUEUEDATA, f"cannot download the storage description: {exc}"
-                ) from None
+            data = await self._document(storage_source, "storage description")
             self.staging = replace(self.staging, storage=StorageData.from_bytes(data))
         self.queuedata = self._experiment.adjust_queuedata(self.queuedata)
         problem = self.queuedata.state_error()
