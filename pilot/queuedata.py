@@ -63,6 +63,15 @@ def _as_bool(raw: Mapping[str, Any], key: str, default: bool = False) -> bool:
     raise PilotError(ErrorCode.QUEUEDATANOTOK, f"queuedata field {key!r}: expected a boolean, got {value!r}")
 
 
+def _storage_names(value: object) -> list[str]:
+    """``astorages`` values come as lists or comma-separated strings."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value if v]
+    return []
+
+
 def _as_dict(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = raw.get(key)
     if value is None or value == "":
@@ -164,6 +173,12 @@ class QueueData:
             params=_as_dict(raw, "params"),
             raw=dict(raw),
         )
+
+    @property
+    def stores_outputs(self) -> bool:
+        """Whether the queue says where outputs go (``astorages`` for ``pw``, ``pl`` or
+        ``write_lan``); without it outputs stay local, as in development runs."""
+        return any(_storage_names(self.astorages.get(a)) for a in ("pw", "pl", "write_lan"))
 
     def state_error(self) -> PilotError | None:
         """Why this queue must not run jobs now, if it must not (checked at start-up)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
@@ -24,8 +25,10 @@ from pilot.interfaces import IExperiment
 from pilot.model.job import Job
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 from pilot.queuedata import QueueData
-from pilot.staging.tools.base import CommandWrapper
 from pilot.util.threads import ThreadRunner
+
+if TYPE_CHECKING:
+    from pilot.staging.tools.base import CommandWrapper
 
 
 def _in_system_tree(path: Path) -> bool:

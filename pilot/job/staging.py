@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from treq.client import HTTPClient
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -26,15 +27,15 @@ from pilot.model.files import ReportedFile
 from pilot.model.job import Checksum, Job, OutputFile
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData
-from pilot.staging.catalog import write_catalog
 from pilot.staging.credentials import Credentials
-from pilot.staging.engine import StagingEngine
-from pilot.staging.plan import FileTransfer, plan_stage_in, plan_stage_out, stage_out_configured
-from pilot.staging.record import TransferRecord
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.storage import StorageData
-from pilot.staging.tools.base import CommandWrapper, ToolContext
 from pilot.util.threads import ThreadRunner
+
+if TYPE_CHECKING:
+    from pilot.staging.engine import StagingEngine
+    from pilot.staging.plan import FileTransfer
+    from pilot.staging.tools.base import CommandWrapper
 
 _MB = 1024 * 1024
 
@@ -118,41 +119,68 @@ class JobStaging:
         self.staged_in: list[str] = []
         self.catalog: Path | None = None
         self.turls: dict[str, str] = {}
-        context = ToolContext(
-            spawner=spawner,
-            clock=clock,
-            in_thread=in_thread,
-            env=setup.tool_env,
-            logdir=workdir / "pilot_transfer_logs",
-            http=setup.http,
-            credentials=setup.credentials,
-            control=control,
-            wrap_in=wrap_in,
-            wrap_out=wrap_out,
-            setup={
-                "trace": {"pq": queuedata.name, "taskid": str(job.task_id or ""), "localSite": queuedata.site}
-            },
-        )
-        record = (
-            TransferRecord.for_job(setup.records_dir, job.panda_id, job.attempt_nr, in_thread)
-            if setup.records_dir is not None
-            else None
-        )
-        self.engine = StagingEngine(
-            setup.registry,
-            context,
-            parallel=setup.parallel,
-            progress_interval=setup.progress_interval,
-            record=record,
-            checksum_runner=setup.checksum_runner,
-        )
+        self._spawner = spawner
+        self._clock = clock
+        self._control = control
+        self._wrap_in = wrap_in
+        self._wrap_out = wrap_out
+        self._engine: StagingEngine | None = None
         self._in_thread = in_thread
+
+    @property
+    def engine(self) -> StagingEngine:
+        """The staging engine, made (and its modules imported) when a job first moves a file.
+
+        A job that moves none (no inputs, a queue without stage-out) never pays for it.
+        """
+        if self._engine is None:
+            from pilot.staging.engine import StagingEngine
+            from pilot.staging.record import TransferRecord
+            from pilot.staging.tools.base import ToolContext
+
+            job, setup, queuedata = self.job, self.setup, self.queuedata
+            context = ToolContext(
+                spawner=self._spawner,
+                clock=self._clock,
+                in_thread=self._in_thread,
+                env=setup.tool_env,
+                logdir=self.workdir / "pilot_transfer_logs",
+                http=setup.http,
+                credentials=setup.credentials,
+                control=self._control,
+                wrap_in=self._wrap_in,
+                wrap_out=self._wrap_out,
+                setup={
+                    "trace": {
+                        "pq": queuedata.name,
+                        "taskid": str(job.task_id or ""),
+                        "localSite": queuedata.site,
+                    }
+                },
+            )
+            record = (
+                TransferRecord.for_job(setup.records_dir, job.panda_id, job.attempt_nr, self._in_thread)
+                if setup.records_dir is not None
+                else None
+            )
+            self._engine = StagingEngine(
+                setup.registry,
+                context,
+                parallel=setup.parallel,
+                progress_interval=setup.progress_interval,
+                record=record,
+                checksum_runner=setup.checksum_runner,
+            )
+        return self._engine
 
     # -- stage-in ------------------------------------------------------------------
 
     async def stage_in(self) -> None:
         if not self.job.inputs:
             return
+        from pilot.staging.catalog import write_catalog
+        from pilot.staging.plan import plan_stage_in
+
         plan = plan_stage_in(self.job, self.workdir, self.queuedata, self.setup.storage, self.setup.registry)
         await self._check_space(plan.transfers)
         await self.engine.run(plan.transfers, stop_on_failure=True)
@@ -183,12 +211,14 @@ class JobStaging:
 
     @property
     def stage_out_configured(self) -> bool:
-        return stage_out_configured(self.queuedata, self.setup.storage)
+        return self.queuedata.stores_outputs
 
     async def stage_out(self, files: Sequence[ReportedFile]) -> list[ReportedFile]:
         """Store ``files`` (outputs and/or the log); returns them with their destinations."""
         if not files or not self.stage_out_configured:
             return list(files)
+        from pilot.staging.plan import plan_stage_out
+
         specs = self._specs()
         items = [(specs[f.lfn], f.path, Checksum("adler32", f.facts.adler32), f.facts.size) for f in files]
         transfers = plan_stage_out(self.job, items, self.queuedata, self.setup.storage, self.setup.registry)

@@ -223,7 +223,7 @@ def plan_stage_in(
 
 def stage_out_configured(queuedata: QueueData, storage: StorageData) -> bool:
     """Whether the queue says where outputs go (without it, outputs stay local, as in dev runs)."""
-    return any(_as_list(queuedata.astorages.get(a)) for a in ("pw", "pl", "write_lan"))
+    return queuedata.stores_outputs
 
 
 def alt_stageout_allowed(job: Job, queuedata: QueueData) -> bool:
