@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from treq.testing import StubTreq
-from twisted.internet.task import Clock
+from twisted.application.service import Service
+from twisted.internet.defer import fail
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,6 +27,7 @@ from pilot.queuedata import QueueData
 from pilot.server.api import ApiMode
 from pilot.server.client import PandaClient, RetryPolicy
 from pilot.service import PilotService
+from pilot.util.threads import PoolStopped
 
 from .fakes import FakeProcessControl, FakeSpawner, ManualRunner, Scripted, ScriptedPanda, run_sync
 
@@ -61,10 +64,14 @@ class ServiceHarness:
         in_thread: Any = run_sync,
         experiment: Any = None,
         secrets_environ: dict[str, str] | None = None,
+        helpers: Any = (),
+        clock: Clock | None = None,
         **config: Any,
     ):
-        self.clock = Clock()
-        self.clock.advance(T0)
+        if clock is None:
+            clock = Clock()
+            clock.advance(T0)
+        self.clock = clock
         self.server = ScriptedPanda(self.clock)
         self.spawner = FakeSpawner(self.clock)
         self.control = FakeProcessControl(self.spawner)
@@ -102,6 +109,7 @@ class ServiceHarness:
             stop_reactor=self._stopped,
             jitter=lambda: 0.5,
             process_control=self.control,
+            helpers=helpers,
         )
 
     def _stopped(self) -> None:
@@ -505,6 +513,45 @@ class FirstRunTests(SynchronousTestCase):
         self.assertEqual(h.server.acquires(), [])
         self.assertIsNotNone(h.service.exit_code)
         self.assertFalse(Path(str(h.service.pilot_dir)).exists(), "the pilot directory is removed")
+
+
+class StoppableRunner(Service):
+    """A ThreadRunner whose work completes on the next clock tick, as a thread's result reaches
+    the reactor later; once its service stops, it refuses work, as a stopped pool does."""
+
+    name = "stoppable-runner"
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def __call__(self, f: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.running:
+            return fail(PoolStopped("stopped"))
+        return deferLater(self.clock, 0, f, *args, **kwargs)
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_stopping_the_service_wraps_up_before_the_pools_stop(self) -> None:
+        clock = Clock()
+        clock.advance(T0)
+        runner = StoppableRunner(clock)
+        h = ServiceHarness(self, in_thread=runner, helpers=[runner], clock=clock)
+        h.server.jobs.append(job(701))
+        h.start()
+        for _ in range(20):
+            clock.advance(0)
+        pilot_dir = Path(str(h.service.pilot_dir))
+        self.assertTrue(pilot_dir.is_dir())
+        self.assertTrue(h.spawner.payloads(), "the job runs")
+        stopping = h.service.stopService()  # as twistd does at shutdown
+        for _ in range(40):
+            clock.advance(0)
+        self.successResultOf(stopping)
+        self.assertEqual(h.server.updates(701)[-1]["pilot_error_code"], ErrorCode.GENERALERROR)
+        self.assertFalse(pilot_dir.exists(), "removed before the thread pools stopped")
+        summary = json.loads(h.config.summary_file.read_text())  # type: ignore[union-attr]
+        self.assertEqual(summary["pilot"]["exit_name"], "GENERALERROR")
+        self.assertFalse(runner.running)
 
 
 class SignalTests(SynchronousTestCase):

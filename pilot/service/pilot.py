@@ -220,8 +220,10 @@ class PilotService(MultiService):
         grace = self.config.kill_grace + self.config.shutdown_grace + CLOSE_TIMEOUT
         for child in reversed(list(self)):
             await self._stop_child(child, grace if child is self.jobs else CLOSE_TIMEOUT)
-        if self.jobs.started_at:  # the job loop ran: its wrap-up follows its end
-            await self._stop_child_deferred("wrap-up", self.when_finished(), CLOSE_TIMEOUT)
+            if child is self.jobs and self.jobs.started_at:
+                # the wrap-up (summary, pilot directory) follows the loop's end and needs the
+                # thread pools and credentials that are stopped next
+                await self._stop_child_deferred("wrap-up", self.when_finished(), CLOSE_TIMEOUT)
 
     async def _stop_child(self, child: IService, timeout: float) -> None:
         if not child.running:
