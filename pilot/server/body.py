@@ -18,6 +18,7 @@ Failure or cancellation removes the partial file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -107,8 +108,16 @@ async def read_body(response: IResponse, limit: int, what: str) -> bytes:
 class _FileSink(Protocol):
     """Feeds a body to a file through one worker at a time, pausing the transport when behind."""
 
-    def __init__(self, handle: BinaryIO, in_thread: ThreadRunner, limit: int, what: str) -> None:
+    def __init__(
+        self,
+        handle: BinaryIO,
+        in_thread: ThreadRunner,
+        limit: int,
+        what: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         self._handle = handle
+        self._progress = progress
         self._in_thread = in_thread
         self._limit = limit
         self._what = what
@@ -132,6 +141,8 @@ class _FileSink(Protocol):
             self._stop()
             self.finished.errback(_too_large(self._what, self._limit))
             return
+        if self._progress is not None:
+            self._progress(self._size)
         self._queue.append(data)
         self._queued += len(data)
         if self._queued > HIGH_WATER and not self._paused:
@@ -230,9 +241,16 @@ def _close_and_remove(handle: BinaryIO | None, path: Path) -> None:
 
 
 async def stream_to_file(
-    response: IResponse, path: Path, in_thread: ThreadRunner, limit: int, what: str
+    response: IResponse,
+    path: Path,
+    in_thread: ThreadRunner,
+    limit: int,
+    what: str,
+    progress: Callable[[int], None] | None = None,
 ) -> FileFacts:
     """Write the body of ``response`` to ``path`` (created 0600); its size and checksums.
+
+    ``progress`` is told the bytes received so far, on the reactor, as chunks arrive.
 
     On any failure, and on cancellation, the partial file is removed before the
     failure propagates.
@@ -245,7 +263,7 @@ async def stream_to_file(
     except OSError as exc:
         response.deliverBody(_Refuse())  # type: ignore[no-untyped-call]
         raise LocalFileError(f"{what}: cannot create {path}: {exc.strerror}", exc.errno) from None
-    sink = _FileSink(handle, in_thread, limit, what)
+    sink = _FileSink(handle, in_thread, limit, what, progress)
     response.deliverBody(sink)  # type: ignore[no-untyped-call]
     try:
         facts = await sink.finished

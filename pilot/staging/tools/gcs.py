@@ -70,7 +70,7 @@ class GcsTool:
             or f"{self._api(request)}/storage/v1/b/{bucket}/o/{quote(name, safe='')}?alt=media"
         )
         response = await context.http.get(url, headers=self._headers(request, context))
-        return await receive_download(response, request, self._error)
+        return await receive_download(response, request, self._error, context.in_thread)
 
     async def _put(self, request: CopyRequest, context: ToolContext) -> CopyResult:
         assert context.http is not None, "GCS needs an HTTP client"

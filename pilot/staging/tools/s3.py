@@ -124,7 +124,7 @@ class S3Tool:
         assert context.http is not None, "S3 needs an HTTP client"
         url = http_url(request.remote, request.settings)
         response = await context.http.get(url, headers=self._headers("GET", url, request, context, {}))
-        return await receive_download(response, request, self._error)
+        return await receive_download(response, request, self._error, context.in_thread)
 
     async def _put(self, request: CopyRequest, context: ToolContext) -> CopyResult:
         assert context.http is not None, "S3 needs an HTTP client"

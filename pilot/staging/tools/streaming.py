@@ -1,18 +1,25 @@
-"""Streaming file bodies for HTTP-based copytools (S3, GCS): progress and digests on the way."""
+"""Streaming file bodies for HTTP-based copytools (S3, GCS): progress and digests on the way.
+
+Downloads go to disk through the pilot's bounded writer (``pilot.server.body``): the
+reactor only queues chunks, a worker thread writes them and computes adler32, and the
+connection is paused while the disk is behind.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO
 
 import treq
-from twisted.internet.defer import Deferred
 from twisted.web.iweb import IResponse
 
+from pilot.errorcodes import ErrorCode
+from pilot.errors import DISK_FULL_ERRNOS
 from pilot.model.job import Checksum
+from pilot.server.body import stream_to_file
+from pilot.server.errors import LocalFileError
 from pilot.staging.transfer import CopyRequest, CopyResult, TransferError
-from pilot.util.checksum import RunningChecksum
+from pilot.util.threads import ThreadRunner
 
 
 class CountingReader:
@@ -40,56 +47,30 @@ class CountingReader:
         self._handle.close()
 
 
-class StreamToFile:
-    """Receives a response body into a file, counting bytes and computing adler32 on the way."""
-
-    def __init__(self, path: Path, progress: Callable[[int], None] | None) -> None:
-        self._handle = path.open("wb")
-        self._progress = progress
-        self._running = RunningChecksum()
-
-    @property
-    def received(self) -> int:
-        return self._running.size
-
-    @property
-    def adler32(self) -> Checksum:
-        return Checksum("adler32", self._running.facts().adler32)
-
-    def write(self, data: bytes) -> None:
-        self._handle.write(data)
-        self._running.update(data)
-        if self._progress is not None:
-            self._progress(self._running.size)
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-async def download_body(
-    response: IResponse, path: Path, progress: Callable[[int], None] | None
-) -> StreamToFile:
-    """Write the body of ``response`` to ``path``; the file is closed whatever happens."""
-    sink = StreamToFile(path, progress)
-    try:
-        collected: Deferred[None] = treq.collect(response, sink.write)
-        await collected
-    finally:
-        sink.close()
-    return sink
-
-
 async def body_snippet(response: IResponse) -> str:
     """The start of a response body, for an error message (servers explain refusals there)."""
     content: bytes = await treq.content(response)
     return content[:300].decode("utf-8", errors="replace")
 
 
+#: Largest object a GET may bring (the limit guards the disk against a runaway body).
+DOWNLOAD_LIMIT = 1 << 40
+
+
 async def receive_download(
-    response: IResponse, request: CopyRequest, error: Callable[[int, str, CopyRequest], TransferError]
+    response: IResponse,
+    request: CopyRequest,
+    error: Callable[[int, str, CopyRequest], TransferError],
+    in_thread: ThreadRunner,
 ) -> CopyResult:
     """A GET's response into ``request.local`` (adler32 on the way), or ``error`` unless 200."""
     if response.code != 200:
         raise error(response.code, await body_snippet(response), request)
-    sink = await download_body(response, request.local, request.progress)
-    return CopyResult(local_checksum=sink.adler32, remote_url=request.remote)
+    try:
+        facts = await stream_to_file(
+            response, request.local, in_thread, DOWNLOAD_LIMIT, request.remote, request.progress
+        )
+    except LocalFileError as exc:
+        code = ErrorCode.NOLOCALSPACE if exc.errno in DISK_FULL_ERRNOS else ErrorCode.STAGEINFAILED
+        raise TransferError(code, str(exc), retry_elsewhere=False) from None
+    return CopyResult(local_checksum=Checksum("adler32", facts.adler32), remote_url=request.remote)
