@@ -200,6 +200,9 @@ async def mass_death_floor(
         await getProcessValue("/bin/kill", ["-TERM", "--", f"-{pid}"], reactor=reactor)
         await group.wait()
         await wait_for(reactor, lambda: _group_gone(pid), "the group's end")
+        # the leader died of a signal the runner did not send, so it armed the leftovers'
+        # SIGKILL for kill_grace later; the group is gone, so that call goes now
+        await group.sweep_now()
 
     _, lag = await window(reactor, probe, killed_from_outside)
     return lag
