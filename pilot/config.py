@@ -9,7 +9,7 @@ once, by ``pilot.options``, and land here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import Enum
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from pilot.queuedata import QueueData
 from pilot.server.api import ApiMode
 from pilot.staging.storage import StorageData
 from pilot.util.files import FILE_MODES, FileModes
+from pilot.util.records import record
 
 
 class KeepWorkdirs(Enum):
@@ -29,7 +30,7 @@ class KeepWorkdirs(Enum):
     ALL = "all"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HarvesterFiles:
     """Harvester's hand-over files (pilot3's ``--harvester-*`` options), for the Harvester mode.
 
@@ -44,7 +45,7 @@ class HarvesterFiles:
     worker_attributes: Path | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PilotConfig:
     queue: str
     server_url: str

@@ -12,10 +12,10 @@ from __future__ import annotations
 import errno
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from enum import IntEnum
 
 from pilot.errorcodes import STANDARD_MESSAGES, ErrorCode
+from pilot.util.records import record
 
 #: PanDA truncates ``pilotErrorDiag``; we never send more than this.
 MAX_DIAG_LENGTH = 256
@@ -60,7 +60,7 @@ class PilotError(Exception):
         return format_diag(self.code, self.detail)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JobError:
     """One recorded error of a job: code plus its formatted diagnostic."""
 

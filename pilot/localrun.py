@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from twisted.internet.task import deferLater
 
 from pilot.model.processes import ProcessOutcome
 from pilot.process.runner import ManagedProcess
+from pilot.util.records import record
 
 
 class LaunchError(Exception):
@@ -60,7 +60,7 @@ def child_environment(extra: Mapping[str, str] = {}) -> dict[str, str]:
     return env
 
 
-@dataclass
+@record
 class LocalDevServer:
     """A ``twistd panda-dev`` process and what its ready file says."""
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
+from pilot.util.records import record
 
 
 def _as_int(raw: Mapping[str, Any], key: str, default: int) -> int:
@@ -101,7 +102,7 @@ def parse_environ(text: str) -> dict[str, str]:
     return result
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class QueueData:
     """The subset of a CRIC queue description the pilot acts on (all times in seconds)."""
 

@@ -40,12 +40,12 @@ import re
 import shlex
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from zope.interface import implementer
 
 from pilot.container.interfaces import IContainerRuntime
 from pilot.container.spec import Bind, ContainerSpec, ImageError, Launch
+from pilot.util.records import record
 
 #: ``exec`` flags that take a value (long name -> shorthand or "").
 VALUE_FLAGS = {
@@ -171,7 +171,7 @@ _URI = re.compile(r"^[a-z][a-z0-9+.-]*:")
 _WORKDIR_VARIABLE = re.compile(r"\$\{workdir\}|\$workdir(?![A-Za-z0-9_])")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Option:
     """One option of the queue's container_options: its canonical name and its words."""
 

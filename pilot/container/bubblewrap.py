@@ -42,13 +42,13 @@ import os
 import shutil
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from zope.interface import implementer
 
 from pilot.container.interfaces import IContainerRuntime
 from pilot.container.spec import SYSTEM_TREES, ContainerSpec, ImageError, Launch
+from pilot.util.records import record
 
 #: Files that are often symlinks out of /etc into trees we do not bind (systemd-resolved
 #: keeps resolv.conf in /run): their targets are bound read-only so name lookups work.
@@ -71,7 +71,7 @@ def _depth(path: str) -> int:
     return len(PurePosixPath(path).parts)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Mount:
     """One bwrap mount option and where it lands in the sandbox."""
 

@@ -10,8 +10,10 @@ definition is ever interpolated into a pilot-side shell command.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+
+from pilot.util.records import record
 
 #: Host trees a host-based runtime (bubblewrap) shows read-only; paths in them need no bind.
 SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/cvmfs")
@@ -24,7 +26,7 @@ class ImageError(ValueError):
     """The container image is missing, unusable or not wanted by the runtime (IMAGENOTFOUND)."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Bind:
     """A host path made visible inside the container."""
 
@@ -33,7 +35,7 @@ class Bind:
     read_only: bool = True
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ContainerSpec:
     """One process to run in a container."""
 
@@ -48,7 +50,7 @@ class ContainerSpec:
     hidden: Sequence[Path] = ()  # host paths that must not be visible (pilot dir, proxy, tokens)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Launch:
     """How to start the containerised process: the launcher's argv and environment."""
 

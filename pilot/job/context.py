@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +39,7 @@ from pilot.monitor.status import StatusFile
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl
 from pilot.queuedata import QueueData
 from pilot.server.client import JobUpdate, UpdateResult
+from pilot.util.records import record
 from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
@@ -59,7 +60,7 @@ Download = Callable[[str], Awaitable[bytes]]
 FetchFile = Callable[[str, Path], Awaitable[Path]]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JobEnvironment:
     """Everything a job needs from the pilot (all injected, nothing global)."""
 

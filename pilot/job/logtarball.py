@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet.defer import CancelledError
@@ -23,10 +22,11 @@ from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError, local_file_error
 from pilot.model.processes import ProcessOutcome
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
+from pilot.util.records import record
 from pilot.util.threads import ThreadRunner
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class WorkdirScan:
     """What the log tarball step needs to know about a work directory."""
 

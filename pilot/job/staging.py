@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from pilot.queuedata import QueueData
 from pilot.staging.credentials import Credentials
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.storage import StorageData
+from pilot.util.records import record
 from pilot.util.threads import ThreadRunner
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def _endpoint(transfer: FileTransfer) -> str:
     return transfer.used.endpoint if transfer.used is not None else ""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StagingSetup:
     """What the pilot provides for staging (built once, in ``pilot.tap``)."""
 
@@ -61,7 +62,7 @@ class StagingSetup:
     checksum_runner: ThreadRunner | None = None
 
 
-@dataclass
+@record
 class StagingMetrics:
     files_in: int = 0
     bytes_in: int = 0

@@ -8,10 +8,11 @@ Field names are a schema for the tools that read it: keep them stable.
 from __future__ import annotations
 
 import datetime
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from typing import Any
 
 from pilot.model.processes import ProcessRecord
+from pilot.util.records import record
 
 
 def utc_text(seconds: float) -> str:
@@ -19,7 +20,7 @@ def utc_text(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-@dataclass
+@record
 class JobSummary:
     """The record of one job (see the module docstring)."""
 

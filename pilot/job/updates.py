@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
@@ -28,6 +28,7 @@ from pilot.logs import pilot_observer
 from pilot.model.states import ServerState
 from pilot.monitor.redact import redact
 from pilot.server.client import JobUpdate, RetryPolicy, ServerError, StatusCode, UpdateResult
+from pilot.util.records import record
 from pilot.util.secrets import SecretValues
 
 T = TypeVar("T")
@@ -43,7 +44,7 @@ FINAL_UPDATE_RETRY = RetryPolicy(attempts=1_000_000, initial=5.0, maximum=300.0)
 FINAL_ATTEMPT_TIMEOUT = 120.0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PilotIdentity:
     """Who is reporting: the fields every update carries."""
 

@@ -6,11 +6,12 @@ are never the payload's (a job that needs credentials brings its own ``secrets``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from pilot.util.records import record
 
-@dataclass(frozen=True)
+
+@record(frozen=True)
 class Credentials:
     """Where the pilot's own credentials live (paths only: contents are read on use)."""
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from pilot.errorcodes import ErrorCode
 from pilot.model.fields import UNSET, JobDefinitionError, check_text, utf8_size
 from pilot.model.jobpars import MAX_COMMAND_BYTES
+from pilot.util.records import record
 
 STEPS = ("preprocess", "coprocess", "postprocess")
 
@@ -32,7 +32,7 @@ _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Step:
     """One of the job's pre/co/post-process commands."""
 

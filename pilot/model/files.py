@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pilot.util.checksum import FileFacts
+from pilot.util.records import record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ReportedFile:
     """One entry of the job output report."""
 

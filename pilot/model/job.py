@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal
 
 from pilot.errorcodes import ErrorCode
@@ -22,6 +22,7 @@ from pilot.model.documents import Step, parse_secrets, parse_steps
 from pilot.model.fields import JobDefinitionError, aligned, integer, listing, text
 from pilot.model.jobpars import check_command_size, check_image, split_parameters
 from pilot.model.names import check_lfn, check_scope
+from pilot.util.records import record
 
 __all__ = [
     "SECRET_KEYS",
@@ -44,7 +45,7 @@ SECRET_KEYS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Checksum:
     """A file checksum as PanDA states it: adler32 (8 hex digits) or md5 (32 hex digits)."""
 
@@ -84,7 +85,7 @@ class Checksum:
         return "adler32" if self.algorithm == "adler32" else "md5sum"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InputFile:
     lfn: str
     scope: str = ""
@@ -99,7 +100,7 @@ class InputFile:
     prod_dblock: str = ""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OutputFile:
     """An output of the job, or its log tarball (``is_log``, whose GUID is ``logGUID``)."""
 
@@ -114,7 +115,7 @@ class OutputFile:
     guid: str = ""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Job:
     """A job as ``parse_job`` builds it: every field checked, the derived ones computed once."""
 

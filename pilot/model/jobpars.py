@@ -31,10 +31,10 @@ import posixpath
 import re
 import shlex
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from pilot.errorcodes import ErrorCode
 from pilot.model.fields import JobDefinitionError, shown, utf8_size
+from pilot.util.records import record
 
 MAX_ARG_STRLEN = 131072
 #: Room left in the ``bash -c`` argument for an experiment's prefix to the command.
@@ -67,7 +67,7 @@ _QUOTING = str.maketrans("", "", "'\"\\")
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Word:
     """One shell word: where it is in the text (``[start, end)``) and its text there."""
 
@@ -141,7 +141,7 @@ def _double_quoted(text: str, position: int, pieces: list[str]) -> int:
     return length
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JobParameters:
     """``jobPars`` split into what the payload gets and the image the pilot uses."""
 

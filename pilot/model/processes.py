@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
+
+from pilot.util.records import record
 
 #: In a utility's argv, replaced by the payload's pid (a plain token, never a shell).
 PAYLOAD_PID = "{payload_pid}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UtilitySpec:
     """A utility process an experiment or the queue wants beside the payload.
 
@@ -34,7 +36,7 @@ class UtilitySpec:
     stop_signal: int = signal.SIGTERM
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProcessOutcome:
     """How a managed process ended."""
 
@@ -58,7 +60,7 @@ class ProcessOutcome:
         return 128 + (self.signal or signal.SIGKILL)
 
 
-@dataclass
+@record
 class ProcessRecord:
     """What the job summary says about one process."""
 

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pilot.logs import pilot_observer
+from pilot.util.records import record
 
 log = Logger(observer=pilot_observer)
 
@@ -31,7 +32,7 @@ log = Logger(observer=pilot_observer)
 GPU_TOOL_TIMEOUT = 60.0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Gpu:
     """One GPU model of the node and how many of it there are (``update_worker_node_gpu``).
 

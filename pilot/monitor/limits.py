@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from pilot.model.job import Job
 from pilot.queuedata import QueueData
+from pilot.util.records import record
 
 #: Memory per core assumed when neither the job nor the queue says (MB).
 DEFAULT_RAM_PER_CORE_MB = 2000
@@ -58,7 +59,7 @@ def workdir_limit_bytes(job: Job, queuedata: QueueData) -> int | None:
     return int(megabytes * grace * 1024 * 1024)
 
 
-@dataclass
+@record
 class LoopingDetector:
     """Decides, pass by pass, whether the payload stopped touching files.
 

@@ -20,12 +20,13 @@ import math
 import re
 import signal as _signal
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TypeAlias
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import MAX_DIAG_LENGTH, error_for_signal
+from pilot.util.records import record
 
 #: One stderr/stdout pattern: the compiled regex, the pilot error it means, and a short
 #: text that starts the error's detail.
@@ -192,7 +193,7 @@ _WARNING_LINE = re.compile(r"^[^\n]*\bWARNING:[^\n]*", _M)
 _CRITICAL_LINE = re.compile(r"^[^\n]*\bCRITICAL\b[^\n]*", _M)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PayloadAnalysis:
     """The final-update fields learnt from a finished payload.
 

@@ -14,11 +14,11 @@ import html
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from pilot.monitor.sample import Sample
 from pilot.util.files import write_text_atomically
+from pilot.util.records import record
 
 PLOT_NAME = "memory_monitor_plot.svg"
 
@@ -86,7 +86,7 @@ def cores_used(samples: Sequence[Sample]) -> list[tuple[float, float]]:
     return points
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Scale:
     """A linear axis from ``low`` to ``high`` (data units) with its tick values."""
 

@@ -7,10 +7,12 @@ in bytes/packets) lets the same tools read our files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
+
+from pilot.util.records import record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Sample:
     """The payload tree at one moment; counters (I/O, CPU, network) are cumulative."""
 

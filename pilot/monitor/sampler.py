@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import psutil
 
 from pilot.monitor.sample import Sample
+from pilot.util.records import record
 
 
-@dataclass
+@record
 class _Seen:
     """The last counters read from one process (kept after it exits)."""
 

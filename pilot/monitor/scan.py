@@ -14,8 +14,10 @@ import fnmatch
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+
+from pilot.util.records import record
 
 #: Files the payload does not write as a sign of progress (pilot3's looping ignore list,
 #: generalised): the pilot's own monitor output, catalogues, setup scripts.
@@ -28,7 +30,7 @@ LOOPING_IGNORE = (
 WATCHED_LOGS = ("payload.stdout", "payload.stderr", "log.*")
 
 
-@dataclass
+@record
 class WorkdirScan:
     """What one walk found."""
 

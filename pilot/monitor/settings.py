@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pilot.util.records import record
 
 GB = 1000**3
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MonitorSettings:
     """All numbers the monitor uses; operators override them with options."""
 

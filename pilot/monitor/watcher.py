@@ -25,7 +25,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from pilot.monitor.scan import WorkdirScan, WorkdirScanner
 from pilot.monitor.settings import MonitorSettings
 from pilot.queuedata import QueueData
 from pilot.server.widths import UPDATE_FITS, tail_lines, utf8_size
+from pilot.util.records import record
 from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
@@ -61,7 +61,7 @@ Abort = Callable[[ErrorCode, str], None]
 MAX_PLOT_SAMPLES = 4000
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     """The numbers one job is held to (None: not checked)."""
 
@@ -102,7 +102,7 @@ class Limits:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MonitorReport:
     """What the monitor leaves for the final update."""
 

@@ -41,7 +41,7 @@ import os
 import platform
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from twisted.logger import Logger
 from pilot.logs import pilot_observer
 from pilot.monitor.gpus import Gpu
 from pilot.server.client import MethodNotFound, PandaClient, ServerError
+from pilot.util.records import record
 
 log = Logger(observer=pilot_observer)
 
@@ -57,7 +58,7 @@ log = Logger(observer=pilot_observer)
 # -- what is reported ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class WorkerNode:
     """The parameters of ``update_worker_node`` (sizes in MB and GB, clock speed in MHz).
 
@@ -137,7 +138,7 @@ def parse_cpuinfo(text: str) -> list[dict[str, str]]:
     return [cpu for cpu in processors if "processor" in cpu]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Topology:
     """Logical CPUs and, when the kernel says, how they are arranged."""
 

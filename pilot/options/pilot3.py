@@ -19,10 +19,10 @@ in both); ``-c`` (``--config``) is txpilot's alone and unused by pilot3.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pilot.options.settings import Converter, flag, str2bool, text
+from pilot.util.records import record
 
 #: pilot3 long name → the txpilot setting it sets.
 ALIASES: Mapping[str, str] = {
@@ -38,7 +38,7 @@ _REALTIME = "txpilot has no real-time log shipping (its JSON log is --log-file)"
 _HPC = "txpilot has no HPC or event-service mode yet"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Inert:
     """A pilot3 option with no meaning in txpilot: accepted, and named in a notice.
 

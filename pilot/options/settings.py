@@ -10,9 +10,9 @@ command line gives (text) and what TOML gives (numbers, booleans, text) and rais
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pilot.errors import ExitCode
+from pilot.util.records import record
 
 DEFAULT_URL = "https://pandaserver.cern.ch"
 DEFAULT_PORT = 25443
@@ -151,7 +151,7 @@ def str2bool(name: str) -> Converter:
     return convert
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Setting:
     """One option: its long name, short letter, default, help text and converter.
 

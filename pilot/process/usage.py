@@ -9,15 +9,14 @@ memory — 200 ms with 2,000 processes.  On the reactor, use ``tree_usage_in_thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import psutil
 from twisted.internet.defer import Deferred
 
+from pilot.util.records import record
 from pilot.util.threads import ThreadRunner
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TreeUsage:
     """CPU seconds (user + system, reaped children included) and RSS (kB) of a tree."""
 

@@ -9,7 +9,7 @@ stop signal, then SIGKILL after the grace.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -19,11 +19,12 @@ from pilot.errors import PilotError
 from pilot.logs import pilot_observer
 from pilot.model.processes import PAYLOAD_PID, ProcessRecord, UtilitySpec
 from pilot.process.runner import ManagedProcess
+from pilot.util.records import record
 
 log = Logger(observer=pilot_observer)
 
 
-@dataclass
+@record
 class Utility:
     """A running utility: restarted when it dies, up to ``spec.max_restarts`` times."""
 

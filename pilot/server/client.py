@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ from pilot.server.transport import (
     with_retries,
 )
 from pilot.util.checksum import FileFacts
+from pilot.util.records import record
 from pilot.util.threads import ThreadRunner
 
 __all__ = [
@@ -122,7 +123,7 @@ _REPORT_ATTEMPTS = 2
 _ERROR_BODY_LIMIT = 64 << 10
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Download:
     """The outcome of ``PandaClient.download``.
 

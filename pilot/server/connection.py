@@ -25,7 +25,7 @@ between TLS and HTTP that
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from OpenSSL import SSL
@@ -51,6 +51,7 @@ from zope.interface import implementer
 from pilot.server.errors import StaleConnection, TLSHandshakeFailed
 from pilot.server.tls import ResumingCreator, TLSSessions, keep_resumable, was_resumed
 from pilot.server.transport import ssl_error_text
+from pilot.util.records import record
 
 #: Seconds an idle connection is kept.  Long enough for the calls of a job and the next
 #: job's request; short enough that a middlebox silently dropping idle connections
@@ -58,7 +59,7 @@ from pilot.server.transport import ssl_error_text
 IDLE_TIMEOUT = 60.0
 
 
-@dataclass
+@record
 class ConnectionStats:
     """What the connections of one ``ServerConnection`` cost so far."""
 

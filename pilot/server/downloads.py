@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -37,6 +36,7 @@ from pilot.server.body import DOCUMENT_LIMIT
 from pilot.server.client import PandaClient
 from pilot.server.errors import ChecksumMismatch, LocalFileError, ServerError
 from pilot.util.checksum import FileFacts
+from pilot.util.records import record
 from pilot.util.threads import ThreadRunner
 
 log = Logger(observer=pilot_observer)
@@ -47,7 +47,7 @@ MAX_AGE = 600.0
 _CHECKSUM = re.compile(r"(?:(?P<kind>ad|adler32|md5):)?(?P<value>[0-9a-fA-F]{8}|[0-9a-fA-F]{32})")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Checksum:
     """An expected checksum: ``kind`` is ``adler32`` or ``md5``, ``value`` lower-case hex."""
 
@@ -75,7 +75,7 @@ class Checksum:
         return f"{self.kind}:{self.value}"
 
 
-@dataclass
+@record
 class _Entry:
     path: Path
     facts: FileFacts

@@ -9,11 +9,12 @@ server type-checks them (ints as ints, strings as strings).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from enum import IntEnum
 from typing import Any
 
 from pilot.server.api import ApiMode
+from pilot.util.records import record
 
 
 class StatusCode(IntEnum):
@@ -30,7 +31,7 @@ class StatusCode(IntEnum):
     PROXY_ERROR = 90
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JobRequest:
     """What the pilot asks for when it asks for a job.  Sizes in MB, times in seconds."""
 
@@ -67,7 +68,7 @@ _JOB_REQUEST_NAMES: dict[str, tuple[str | None, str | None]] = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JobUpdate:
     """One job update (heartbeat or final).  ``None`` fields are not sent."""
 
@@ -172,7 +173,7 @@ _JOB_UPDATE_NAMES: dict[str, tuple[str | None, str | None]] = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AcquireResult:
     """The outcome of a job request: jobs (raw dicts) when ``status`` is SUCCESS."""
 
@@ -181,7 +182,7 @@ class AcquireResult:
     message: str = ""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UpdateResult:
     """The outcome of a job update and the server's commands for the pilot."""
 

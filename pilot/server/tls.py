@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from zope.interface import implementer
 
 from pilot.logs import pilot_observer
 from pilot.model.credentials import Credentials
+from pilot.util.records import record
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN (?P<kind>[A-Z0-9 ]+)-----\r?\n.+?\r?\n-----END (?P=kind)-----",
@@ -84,7 +84,7 @@ def _system_bundle() -> Path | None:
     return next((p for p in _SYSTEM_BUNDLES if p.is_file()), None)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ClientIdentity:
     """A client certificate with its key and the chain that completes it."""
 

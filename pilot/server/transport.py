@@ -17,7 +17,6 @@ import platform
 import random
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import TypeVar
@@ -47,6 +46,7 @@ from pilot.server.errors import (
     TLSHandshakeFailed,
 )
 from pilot.server.replies import server_message
+from pilot.util.records import record
 
 log = Logger(observer=pilot_observer)
 
@@ -82,7 +82,7 @@ class TokenAuth:
         return result
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter for transport errors, 5xx and 429."""
 
@@ -234,7 +234,7 @@ def ssl_error_text(error: SSL.Error) -> str:
 # The retry loop
 
 
-@dataclass
+@record
 class Exchange:
     """How one call is made: where, by which policy, and what to do on a stale connection."""
 

@@ -33,8 +33,10 @@ marker may lengthen the text.  Pure functions on values: no I/O, no logging.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
+
+from pilot.util.records import record
 
 if TYPE_CHECKING:  # for the signatures only: at run time this module needs nothing of the client
     from _typeshed import DataclassInstance
@@ -144,7 +146,7 @@ def items(separator: str) -> Callable[[str, int], str]:
     return lambda text, width: head_items(text, width, separator)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Fit:
     """How one field is fitted: its column's width in bytes and how its text is cut."""
 

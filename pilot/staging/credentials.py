@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from pilot.errorcodes import ErrorCode
 from pilot.staging.transfer import TransferError
+from pilot.util.records import record
 from pilot.util.secrets import SecretValues
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class S3Keys:
     access_key: str
     secret_key: str = field(repr=False)

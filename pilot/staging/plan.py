@@ -21,7 +21,7 @@ job's ``altStageOut`` or the queue's ``params.allow_altstageout``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,13 @@ from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.storage import StorageData
 from pilot.staging.transfer import Attempt, Direction, TransferError
 from pilot.staging.urls import check_scope, rucio_path
+from pilot.util.records import record
 
 REMOTE_IO_SCHEMES = ("root", "roots", "https", "davs")
 NOT_FOR_DIRECT_ACCESS = (".tar", ".tgz", ".tar.gz", ".lib.tgz", ".zip", ".raw")
 
 
-@dataclass
+@record
 class FileTransfer:
     """One file to move, its ordered attempts, and (after the engine ran) the outcome."""
 
@@ -64,7 +65,7 @@ class FileTransfer:
     verified_remotely: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DirectInput:
     """An input read remotely by the payload (no copy)."""
 
@@ -74,7 +75,7 @@ class DirectInput:
     endpoint: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StageInPlan:
     transfers: list[FileTransfer] = field(default_factory=list)
     direct: list[DirectInput] = field(default_factory=list)

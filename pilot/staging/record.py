@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pilot.util.records import record
 from pilot.util.threads import ThreadRunner
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RecordEntry:
     direction: str
     lfn: str

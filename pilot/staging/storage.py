@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
+from pilot.util.records import record
 
 #: Activities as CRIC names them, and the short names used by ``aprotocols``.
 READ_ACTIVITIES = ("read_lan", "read_wan", "read_lan_analysis")
@@ -33,7 +34,7 @@ class StorageDataError(PilotError):
         super().__init__(ErrorCode.BADQUEUECONFIGURATION, detail)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Protocol:
     """One way into an endpoint: ``endpoint`` + ``path`` + the file's relative path is its URL."""
 
@@ -57,7 +58,7 @@ class Protocol:
         return f"{endpoint}{prefix}/{relative}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Endpoint:
     name: str
     is_deterministic: bool = True
@@ -120,7 +121,7 @@ def parse_endpoint(name: str, raw: Mapping[str, Any]) -> Endpoint:
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StorageData:
     """All known endpoints, by name."""
 

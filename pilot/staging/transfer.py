@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.model.job import Checksum
+from pilot.util.records import record
 
 
 class Direction(Enum):
@@ -33,7 +34,7 @@ class TransferError(PilotError):
         self.retry_elsewhere = retry_elsewhere
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Attempt:
     """One way to move one file: a tool and the remote location it should use.
 
@@ -48,7 +49,7 @@ class Attempt:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CopyRequest:
     """What a copytool is asked to do for one attempt."""
 
@@ -72,7 +73,7 @@ class CopyRequest:
         return self.direction is Direction.IN
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CopyResult:
     """What a copytool reports back (it raises TransferError on failure)."""
 

@@ -13,8 +13,9 @@ import functools
 import hashlib
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+from pilot.util.records import record
 
 CHUNK = 1 << 20
 
@@ -39,7 +40,7 @@ def adler32(chunk: bytes | memoryview, value: int = 1) -> int:
     return zlib.adler32(chunk, value)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FileFacts:
     """Size and checksums of a local file."""
 

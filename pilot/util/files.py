@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
+from pilot.util.records import record
 
-@dataclass(frozen=True)
+
+@record(frozen=True)
 class FileModes:
     """The permissions of what the pilot creates."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,14 @@ from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessCont
 from pilot.staging.credentials import Credentials
 from pilot.staging.errors import classify
 from pilot.staging.transfer import CopyRequest, TransferError
+from pilot.util.records import record
 from pilot.util.threads import ThreadRunner
 
 #: Wraps a copytool command (argv, environment) for the stage-in/out container, if any.
 CommandWrapper = Callable[[Sequence[str], Mapping[str, str]], Launch]
 
 
-@dataclass
+@record
 class ToolContext:
     """Everything a copytool may use; built once per job by the staging engine."""
 
@@ -58,7 +59,7 @@ def find_executable(name: str, env: Mapping[str, str], code: ErrorCode) -> str:
     return found
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CommandOutput:
     exit_code: int | None
     signal: int | None
