@@ -308,11 +308,15 @@ class FakeSpawner:
         childFDs: Mapping[int, int | str] | None = None,
     ) -> IProcessTransport:
         self._next_pid += 1
+        argv = [str(a) for a in args]
+        if len(argv) > 2 and argv[1].startswith("--chdir="):  # the runner's ``env --chdir=DIR setsid ...``
+            path = argv[1].removeprefix("--chdir=")
+            argv = argv[2:]
         process = FakeProcess(
             self,
             processProtocol,
             self._next_pid,
-            [str(a) for a in args],
+            argv,
             {_text(k): _text(v) for k, v in (env or {}).items()},
             str(path) if path is not None else None,
         )

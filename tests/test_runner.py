@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pilot.model.processes import ProcessOutcome
-from pilot.process.runner import Descendant, ManagedProcess, OSProcessControl
+from pilot.process.runner import ENV, SETSID, Descendant, ManagedProcess, OSProcessControl, launch_argv
 from pilot.util.threads import PoolStopped, ThreadRunner, WorkerPool
 
 from .events import file_ready, processes_gone
@@ -80,6 +80,43 @@ class RealProcessTests(TestCase):
         self.assertNotEqual(int(pgid), os.getpgrp())
         self.assertEqual(Path(cwd).resolve(), self.dir.resolve())
 
+    async def test_processes_that_end_at_once(self) -> None:
+        # posix_spawn returns after the exec: the child may be gone before Twisted's
+        # first reap, which then ends the process inside spawnProcess.
+        for _ in range(20):
+            process = ManagedProcess(
+                reactor,
+                reactor,
+                ["/bin/true"],
+                env={},
+                cwd=self.dir,
+                stdout=self.dir / "true.out",
+                stderr=self.dir / "true.out",
+                name="true",
+            )
+            pid = process.start()
+            outcome = await process.wait()
+            self.assertEqual((outcome.pid, outcome.exit_code), (pid, 0))
+
+    async def test_a_command_whose_name_holds_an_equals_sign(self) -> None:
+        script = self.dir / "a=b.sh"
+        script.write_text("#!/bin/sh\npwd\n")
+        script.chmod(0o755)
+        process = ManagedProcess(
+            reactor,
+            reactor,
+            [str(script.resolve())],
+            env={},
+            cwd=self.dir,
+            stdout=self.dir / "where",
+            stderr=self.dir / "where.err",
+            name="equals",
+        )
+        process.start()
+        outcome = await process.wait()
+        self.assertEqual(outcome.exit_code, 0)
+        self.assertEqual(Path((self.dir / "where").read_text().strip()).resolve(), self.dir.resolve())
+
     async def test_killed_by_a_signal(self) -> None:
         process = self._process("kill -SEGV $$")
         process.start()
@@ -115,7 +152,11 @@ class RealProcessTests(TestCase):
         await self._assert_gone(escaped)
 
     async def test_leftovers_of_a_finished_payload_are_removed(self) -> None:
-        script = "(trap '' TERM; exec sleep 1000) & echo $! > child.pid; exit 0"
+        # The leader exits only once the leftover ignores SIGTERM (its pid file is written after the trap).
+        script = (
+            "(trap '' TERM; echo $BASHPID > child.pid; exec sleep 1000) & "
+            "until [ -s child.pid ]; do sleep 0.01; done; exit 0"
+        )
         process = self._process(script, grace=0.3)
         process.start()
         outcome = await process.wait()
@@ -124,6 +165,21 @@ class RealProcessTests(TestCase):
         self.assertTrue(process.cleaning_up, "the leftover ignores SIGTERM: SIGKILL is pending")
         await self._assert_gone(child)
         self.assertFalse(process.cleaning_up)
+
+
+class LaunchTests(SynchronousTestCase):
+    """How a process is handed to Twisted: ``env --chdir`` so that Twisted can use posix_spawn."""
+
+    def test_directory_through_env_and_no_path_for_twisted(self) -> None:
+        executable, argv, path = launch_argv(["/bin/bash", "-c", "x"], Path("/work dir"))
+        self.assertEqual(executable, ENV)
+        self.assertEqual(argv, [ENV, "--chdir=/work dir", SETSID, "/bin/bash", "-c", "x"])
+        self.assertIsNone(path, "no path: Twisted spawns with posix_spawn instead of fork")
+
+    def test_a_payload_named_like_a_variable_is_not_read_as_one(self) -> None:
+        # env takes its first word without "=" (setsid) as the command; the rest is setsid's.
+        _, argv, _ = launch_argv(["/x/a=b", "1"], Path("/w"))
+        self.assertEqual(argv[2:], [SETSID, "/x/a=b", "1"])
 
 
 class FakeProcessCase(SynchronousTestCase):
