@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (2, ("pilot.process",)),
     (3, ("pilot.container", "pilot.server")),
     (4, ("pilot.staging", "pilot.monitor")),
-    (5, ("pilot.interfaces", "pilot.config", "pilot.experiments")),
+    (5, ("pilot.interfaces", "pilot.config", "pilot.experiments", "pilot.eventservice")),
     (6, ("pilot.source",)),
     (7, ("pilot.job",)),
     (8, ("pilot.service",)),
