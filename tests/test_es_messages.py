@@ -121,18 +121,21 @@ class LineSplitterTests(SynchronousTestCase):
         self.assertEqual(list(splitter.feed(data[:cut])), [])
         self.assertEqual(list(splitter.feed(data[cut:])), ["/w/ü.root,ID:1,CPU:1,WALL:1"])
 
-    def test_a_line_without_end_is_bounded(self) -> None:
+    def test_a_line_without_end_is_bounded_and_dropped(self) -> None:
         splitter = LineSplitter(max_bytes=1024)
         self.assertEqual(list(splitter.feed(b"x" * 1000)), [])
-        with self.assertRaises(ChannelMessageError):
-            list(splitter.feed(b"x" * 100))
+        (error,) = splitter.feed(b"x" * 100)
+        self.assertIsInstance(error, ChannelMessageError)
         self.assertEqual(splitter.pending, 0, "the overlong line is dropped, not kept")
+        self.assertEqual(list(splitter.feed(b"x" * 5000)), [])
+        self.assertEqual(splitter.pending, 0)
+        self.assertEqual(list(splitter.feed(b"tail\nReady for events\n")), ["Ready for events"])
 
-    def test_an_overlong_complete_line_is_refused(self) -> None:
+    def test_bad_lines_do_not_stall_the_ones_after(self) -> None:
         splitter = LineSplitter(max_bytes=10)
-        with self.assertRaises(ChannelMessageError):
-            list(splitter.feed(b"x" * 11 + b"\n"))
-
-    def test_invalid_utf8_is_refused(self) -> None:
-        with self.assertRaises(ChannelMessageError):
-            list(LineSplitter().feed(b"\xff\xfe\n"))
+        items = list(splitter.feed(b"\xff\xfe\n" + b"x" * 11 + b"\nReady\n"))
+        self.assertIsInstance(items[0], ChannelMessageError)
+        self.assertIn("not UTF-8", str(items[0]))
+        self.assertIsInstance(items[1], ChannelMessageError)
+        self.assertIn("longer than 10", str(items[1]))
+        self.assertEqual(items[2], "Ready")

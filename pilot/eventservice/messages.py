@@ -136,30 +136,45 @@ def ranges_message(ranges: Sequence[Mapping[str, Any]]) -> str:
 
 
 class LineSplitter:
-    """Bytes from a stream in, complete UTF-8 lines out, each at most ``max_bytes``."""
+    """Bytes from a stream in, complete UTF-8 lines out, each at most ``max_bytes``.
+
+    A line that is too long or not UTF-8 comes out as a ``ChannelMessageError`` in its
+    place, and the lines after it still come out: one bad line never stalls the stream.
+    The rest of an overlong line is dropped as it arrives, never buffered.
+    """
 
     def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
         self._max = max_bytes
         self._buffer = bytearray()
+        self._discarding = False
 
-    def feed(self, data: bytes) -> Iterator[str]:
-        """The lines ``data`` completes; ``ChannelMessageError`` for an overlong or non-UTF-8 line."""
+    def feed(self, data: bytes) -> Iterator[str | ChannelMessageError]:
+        """The lines (or errors in their place) that ``data`` completes."""
         self._buffer += data
         while True:
             end = self._buffer.find(b"\n")
+            if self._discarding:
+                if end < 0:
+                    self._buffer.clear()
+                    return
+                del self._buffer[: end + 1]
+                self._discarding = False
+                continue
             if end < 0:
                 if len(self._buffer) > self._max:
                     self._buffer.clear()
-                    raise ChannelMessageError(f"a line longer than {self._max} bytes")
+                    self._discarding = True
+                    yield ChannelMessageError(f"a line longer than {self._max} bytes")
                 return
             raw = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             if len(raw) > self._max:
-                raise ChannelMessageError(f"a line longer than {self._max} bytes")
+                yield ChannelMessageError(f"a line longer than {self._max} bytes")
+                continue
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise ChannelMessageError("a line that is not UTF-8") from None
+                yield ChannelMessageError("a line that is not UTF-8")
 
     @property
     def pending(self) -> int:
