@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorUNIX
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -131,7 +131,7 @@ class WorkerConnection(TwistedProtocol):
         if self.transport is not None and self.connected:
             self.transport.write(line.encode("utf-8") + b"\n")
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._in_flight is not None:
             self._in_flight.cancel()
         self._channel._disconnected(self)
