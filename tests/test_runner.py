@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pilot.model.processes import ProcessOutcome
+from pilot.process import runner
 from pilot.process.runner import ENV, SETSID, Descendant, ManagedProcess, OSProcessControl, launch_argv
 from pilot.util.threads import PoolStopped, ThreadRunner, WorkerPool
 
@@ -180,6 +181,18 @@ class LaunchTests(SynchronousTestCase):
         # env takes its first word without "=" (setsid) as the command; the rest is setsid's.
         _, argv, _ = launch_argv(["/x/a=b", "1"], Path("/w"))
         self.assertEqual(argv[2:], [SETSID, "/x/a=b", "1"])
+
+    def test_this_machines_env_has_chdir(self) -> None:
+        self.assertTrue(runner.ENV_CHDIR, f"{ENV} is GNU env from coreutils >= 8.28 on Debian")
+
+    def test_an_env_without_chdir_falls_back_to_twisted(self) -> None:
+        old = Path(self.mktemp())
+        old.write_bytes(b"\x7fELF... Usage: env [OPTION]... [-] [NAME=VALUE]... [COMMAND [ARG]...]")
+        self.assertFalse(runner.env_has_chdir(str(old)))
+        self.assertFalse(runner.env_has_chdir("/no/such/env"))
+        self.patch(runner, "ENV_CHDIR", False)
+        executable, argv, path = launch_argv(["/bin/true"], Path("/w"))
+        self.assertEqual((executable, argv, path), (SETSID, [SETSID, "/bin/true"], "/w"))
 
 
 class FakeProcessCase(SynchronousTestCase):

@@ -54,6 +54,22 @@ SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 ENV = shutil.which("env") or "/usr/bin/env"
 
 
+def env_has_chdir(path: str) -> bool:
+    """Whether ``path`` is a GNU ``env`` with ``--chdir`` (coreutils >= 8.28; EL7 has 8.22).
+
+    Told by its own help text, so that no process is started to find out; anything
+    else (an older or a busybox ``env``) makes the runner fall back to Twisted's chdir.
+    """
+    try:
+        with open(path, "rb") as binary:
+            return b"--chdir=DIR" in binary.read(1 << 20)
+    except OSError:
+        return False
+
+
+ENV_CHDIR = env_has_chdir(ENV)
+
+
 def launch_argv(argv: Sequence[str], cwd: Path) -> tuple[str, list[str], str | None]:
     """The executable, argv and working directory handed to ``spawnProcess``.
 
@@ -65,7 +81,7 @@ def launch_argv(argv: Sequence[str], cwd: Path) -> tuple[str, list[str], str | N
     (``bench/pilotcost``).  ``env`` reads its first word without ``=`` as the command:
     that is ``setsid``, so the payload's own argv is never taken for a variable.
     """
-    if "=" in SETSID:  # an install path env would read as a variable: let Twisted chdir
+    if not ENV_CHDIR or "=" in SETSID:  # no --chdir, or a path env reads as a variable
         return SETSID, [SETSID, *argv], str(cwd)
     return ENV, [ENV, f"--chdir={cwd}", SETSID, *argv], None
 
