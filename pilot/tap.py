@@ -59,7 +59,6 @@ from pilot.service.pools import BLOCKING_THREADS, CHECKSUM_THREADS, PoolService
 from pilot.staging.credentials import Credentials as StagingCredentials
 from pilot.staging.storage import StorageData
 from pilot.util.hardening import hide_argv_values, make_undumpable, scrub_environment
-from pilot.util.memory import limit_malloc_arenas
 from pilot.util.private import CREDENTIALS_DIR, PrivateAreaError, PrivateCredentials
 from pilot.util.resolver import PoolResolver
 from pilot.util.secrets import SecretValues
@@ -180,8 +179,6 @@ def makeService(options: PilotOptions) -> IService:
     blocking = WorkerPool(reactor, BLOCKING_THREADS, "pilot-blocking")
     checksums = WorkerPool(reactor, CHECKSUM_THREADS, "pilot-checksums")
     in_thread = blocking.runner
-    # before any of the pools' threads exists (pilot.util.memory)
-    limit_malloc_arenas()
     # server names are resolved in the pilot's own pool: no thread of the reactor's pool
     reactor.installNameResolver(PoolResolver(in_thread))
     staging = StagingSetup(

@@ -1,4 +1,4 @@
-"""``pilot.util.resolver``: host names resolved in the pilot's own pool; ``pilot.util.memory``."""
+"""``pilot.util.resolver``: host names resolved in the pilot's own pool."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from twisted.internet.interfaces import IHostResolution, IResolutionReceiver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from pilot.util.memory import limit_malloc_arenas
 from pilot.util.resolver import PoolResolver, address_family, host_argument, lookup
 from pilot.util.threads import PoolStopped, WorkerPool
 
@@ -142,19 +141,3 @@ class CodecTests(SynchronousTestCase):
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         self.assertEqual(out.stdout.strip(), "False")
-
-
-class MallocArenaTests(SynchronousTestCase):
-    def test_limit_is_set_on_glibc(self) -> None:
-        code = "from pilot.util.memory import limit_malloc_arenas; print(limit_malloc_arenas())"
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-        )
-        self.assertEqual(out.stdout.strip(), "True", "this machine runs glibc")
-
-    def test_operator_setting_is_kept(self) -> None:
-        self.assertFalse(limit_malloc_arenas(1, {"MALLOC_ARENA_MAX": "4"}))
-
-    def test_at_least_one_arena(self) -> None:
-        self.assertRaises(ValueError, limit_malloc_arenas, 0, {})
