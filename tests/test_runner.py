@@ -153,10 +153,11 @@ class RealProcessTests(TestCase):
         await self._assert_gone(escaped)
 
     async def test_leftovers_of_a_finished_payload_are_removed(self) -> None:
-        # The leader exits only once the leftover ignores SIGTERM (its pid file is written after the trap).
+        # The leader exits only once the leftover ignores SIGTERM: the child writes its pid
+        # after the trap, then opens the fifo the leader is blocked reading.
         script = (
-            "(trap '' TERM; echo $BASHPID > child.pid; exec sleep 1000) & "
-            "until [ -s child.pid ]; do sleep 0.01; done; exit 0"
+            "mkfifo ready; (trap '' TERM; echo $BASHPID > child.pid; echo > ready; exec sleep 1000) & "
+            "read _ < ready; exit 0"
         )
         process = self._process(script, grace=0.3)
         process.start()

@@ -141,8 +141,6 @@ class WorkerConnection(TwistedProtocol):
 class RangeChannel(Factory):
     """Listens at ``path`` for payload workers; ``listen()`` then ``close()``."""
 
-    log = Logger(observer=pilot_observer)
-
     def __init__(self, reactor: IReactorUNIX, path: Path, feeder: RangeFeeder) -> None:
         if len(os.fsencode(path)) >= UNIX_PATH_MAX:
             raise ValueError(

@@ -164,17 +164,20 @@ class LineSplitter:
                 if len(self._buffer) > self._max:
                     self._buffer.clear()
                     self._discarding = True
-                    yield ChannelMessageError(f"a line longer than {self._max} bytes")
+                    yield self._too_long()
                 return
             raw = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             if len(raw) > self._max:
-                yield ChannelMessageError(f"a line longer than {self._max} bytes")
+                yield self._too_long()
                 continue
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
                 yield ChannelMessageError("a line that is not UTF-8")
+
+    def _too_long(self) -> ChannelMessageError:
+        return ChannelMessageError(f"a line longer than {self._max} bytes")
 
     @property
     def pending(self) -> int:
