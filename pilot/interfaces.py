@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pilot.monitor.payload_analysis import PayloadAnalysis
     from pilot.queuedata import QueueData
     from pilot.server.client import AcquireResult, JobRequest, JobUpdate, UpdateResult
+    from pilot.server.events import EventRangeRequest, EventRangeUpdate, EventUpdateResult
 
 
 class IExperiment(Interface):
@@ -129,3 +130,30 @@ class IJobReporter(Interface):
 
 
 __all__ = ["IBulkCopyTool", "IContainerRuntime", "ICopyTool", "IExperiment", "IJobReporter", "IJobSource"]
+
+
+class IEventSource(Interface):
+    """Where an event-service job's ranges come from and their statuses go.
+
+    The PanDA server (both API generations) today, Harvester's files later; the event
+    service machinery (``pilot.eventservice``) speaks only to this interface.
+    """
+
+    def acquire_event_ranges(request: EventRangeRequest) -> Deferred[list[dict[str, object]]]:
+        """Ask once for up to ``request.n_ranges`` ranges: the range objects as sent.
+
+        An empty list means the server has no more ranges for the job.  Not idempotent:
+        ranges handed out in a reply that was lost belong to the job all the same, so a
+        source must not repeat a request that may have reached the server.  Fails with
+        ``ServerError`` when the exchange failed.
+        """
+
+    def update_event_ranges(update: EventRangeUpdate) -> Deferred[EventUpdateResult]:
+        """Report ``update`` (version 0 statuses or version 1 archive chunks) exactly once.
+
+        A source whose server may have committed a report it then failed to answer
+        (panda-server 1.0.4's ``update_event_ranges`` answers HTTP 500 after the commit)
+        confirms the outcome before anything is sent again, or uses a call that answers
+        reliably.  Fails with ``ServerError`` when the report could not be delivered,
+        in which case nothing of it was committed as far as the source can tell.
+        """
