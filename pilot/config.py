@@ -46,6 +46,20 @@ class HarvesterFiles:
 
 
 @record(frozen=True)
+class EventServiceOptions:
+    """How event-service jobs fetch, hand out and batch ranges (``--es-*`` options).
+
+    ``zip_time_gap`` 0 means the queue's ``zip_time_gap`` (600 s without one).
+    """
+
+    ranges_per_request: int = 1
+    min_fetch: int = 8
+    max_fetch: int = 1000
+    batch_ranges: int = 100
+    zip_time_gap: float = 0.0
+
+
+@record(frozen=True)
 class PilotConfig:
     queue: str
     server_url: str
@@ -101,6 +115,7 @@ class PilotConfig:
     #: False when pilot3's ``-z`` asked for file-based reporting (not implemented: see notices).
     update_server: bool = True
     harvester: HarvesterFiles = field(default_factory=HarvesterFiles)
+    event_service: EventServiceOptions = field(default_factory=EventServiceOptions)
     #: One line each, logged once at start: options accepted for pilot3's wrappers that
     #: do nothing here, and why.
     notices: tuple[str, ...] = ()

@@ -82,6 +82,8 @@ class JobBeats:
             ctx.abort(ErrorCode.FAILEDBYSERVER, "the server has already ended this job", keep_log=False)
         if "softkill" in commands:
             ctx.env.on_softkill()
+            for hook in ctx.softkill_hooks:
+                hook()
         debug: bool | None = True if "debug" in commands else False if "debugoff" in commands else None
         if debug is not None:
             if ctx.heartbeat is not None:

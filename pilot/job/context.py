@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from pilot.config import PilotConfig
 from pilot.errorcodes import ErrorCode
 from pilot.errors import JobErrors
-from pilot.interfaces import IExperiment, IJobReporter
+from pilot.interfaces import IEventSource, IExperiment, IJobReporter
 from pilot.job.staging import StagingSetup
 from pilot.job.states import JobLifecycle, JobPhase
 from pilot.job.summary import JobSummary
@@ -84,6 +84,8 @@ class JobEnvironment:
     wall: Callable[[], float] = time.time
     #: Every secret value the pilot knows (its own and the jobs'): redacted by value.
     secrets: SecretValues = field(default_factory=SecretValues)
+    #: Where event-service jobs get their ranges (None: this pilot cannot run them).
+    event_source: IEventSource | None = None
 
 
 class JobControl:
@@ -183,6 +185,8 @@ class JobContext:
         self.outcome: ProcessOutcome | None = None
         self.analysis: PayloadAnalysis | None = None
         self.payload_cpu = 0.0
+        #: Events processed, when the pilot counted them (event service); else the payload's report.
+        self.n_events: int | None = None
         self.max_rss_kb = 0
         self.reported: list[ReportedFile] = []
         self.pending: list[Deferred[None]] = []
@@ -192,6 +196,8 @@ class JobContext:
         self.on_commands: Callable[[UpdateResult], None] = lambda result: None
         #: The heartbeat's body (set by the job run).
         self.beat: Callable[[], Awaitable[None]] = _no_beat
+        #: Called on a softkill, besides the pilot's own (an event-service job stops taking ranges).
+        self.softkill_hooks: list[Callable[[], None]] = []
 
     # -- stopping ------------------------------------------------------------------
 

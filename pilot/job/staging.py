@@ -40,6 +40,18 @@ if TYPE_CHECKING:
 
 _MB = 1024 * 1024
 
+#: Where event-service archives go, best first (the failover, then ordinary outputs' storage).
+ES_ACTIVITIES = ("es_events", "es_failover", "pw", "write_lan")
+#: The scope of event-service archives (pre-merge outputs live until the merge).
+ES_SCOPE = "transient"
+#: Without stage-out (a development queue), archives are kept here in the work directory.
+ES_LOCAL_ARCHIVES = "es_archives"
+
+
+def _keep_locally(path: Path, directory: Path) -> None:
+    directory.mkdir(mode=0o755, exist_ok=True)
+    path.replace(directory / path.name)
+
 
 def _endpoint(transfer: FileTransfer) -> str:
     return transfer.used.endpoint if transfer.used is not None else ""
@@ -230,6 +242,36 @@ class JobStaging:
             raise failure
         by_lfn = {t.lfn: t for t in transfers}
         return [replace(f, surl=by_lfn[f.lfn].remote_url, endpoint=_endpoint(by_lfn[f.lfn])) for f in files]
+
+    async def store_archive(self, path: Path, lfn: str, size: int, adler32: str) -> tuple[str, int | None]:
+        """Store an event-service archive where the queue sends ES outputs; (URL, objstore id).
+
+        ``es_events`` storage first, then ``es_failover``, then where ordinary outputs go,
+        with the queue's copytools, verified like every output.  A queue without stage-out
+        (a development queue) keeps the archive in ``es_archives/`` of the work directory.
+        """
+        if not self.stage_out_configured:
+            kept = self.workdir / ES_LOCAL_ARCHIVES
+            await self._in_thread(_keep_locally, path, kept)
+            return (kept / path.name).as_uri(), None
+        from pilot.staging.plan import plan_stage_out
+
+        spec = OutputFile(lfn=lfn, scope=ES_SCOPE)
+        transfers = plan_stage_out(
+            self.job,
+            [(spec, path, Checksum("adler32", adler32), size)],
+            self.queuedata,
+            self.setup.storage,
+            self.setup.registry,
+            activities=ES_ACTIVITIES,
+        )
+        await self.engine.run(transfers)
+        self._account(transfers, inbound=False)
+        transfer = transfers[0]
+        if transfer.error is not None:
+            raise transfer.error
+        endpoint = self.setup.storage.get(transfer.used.endpoint) if transfer.used is not None else None
+        return transfer.remote_url, endpoint.resource_id if endpoint is not None else None
 
     def _specs(self) -> dict[str, OutputFile]:
         specs = {o.lfn: o for o in self.job.outputs}

@@ -41,6 +41,8 @@ class JobSummary:
     runtimes: dict[str, str] = field(default_factory=dict)
     #: The reactor's lateness while the job ran (``pilot.monitor.lag``): max, mean, histogram.
     reactor: dict[str, Any] = field(default_factory=dict)
+    #: Event-service jobs: ranges done/failed, batches, bytes, the payload's wait for ranges.
+    event_service: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

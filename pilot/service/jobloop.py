@@ -36,7 +36,7 @@ from pilot import __version__
 from pilot.config import PilotConfig
 from pilot.errorcodes import ErrorCode
 from pilot.errors import ExitCode, PilotError, exit_code_for
-from pilot.interfaces import IExperiment, IJobReporter, IJobSource
+from pilot.interfaces import IEventSource, IExperiment, IJobReporter, IJobSource
 from pilot.job.context import Download, JobEnvironment
 from pilot.job.pipeline import JobRun
 from pilot.job.staging import StagingSetup
@@ -102,6 +102,8 @@ class JobLoop(Service):
         self._spawner = spawner
         self._source = source
         self._reporter = reporter
+        #: Event-service jobs need ranges: from the job source, when it serves them.
+        self._event_source: IEventSource | None = source if IEventSource.providedBy(source) else None
         self._client = client
         self._fetch: Download = client.get_bytes
         self._experiment = experiment
@@ -420,6 +422,7 @@ class JobLoop(Service):
             status=self.status,
             wall=self._wall,
             secrets=self._secrets,
+            event_source=self._event_source,
         )
         run = JobRun(env, definition, getjob_seconds=getjob_seconds)
         self._current = run

@@ -243,23 +243,33 @@ def plan_stage_out(
     queuedata: QueueData,
     storage: StorageData,
     registry: CopytoolRegistry,
+    *,
+    activities: tuple[str, ...] | None = None,
 ) -> list[FileTransfer]:
-    """Transfers for ``files`` (spec, local path, local adler32, size); outputs and/or the log."""
+    """Transfers for ``files`` (spec, local path, local adler32, size); outputs and/or the log.
+
+    ``activities`` overrides the storage activities, best first (event-service archives
+    go to ``es_events``, then ``es_failover``, then where outputs go).
+    """
     alternatives = alt_stageout_allowed(job, queuedata)
     transfers = []
+    chosen = activities
     for spec, path, checksum, size in files:
-        activity = "pl" if spec.is_log else "pw"
-        activities = ("pl", "pw") if spec.is_log else ("pw", "write_lan")
+        if chosen is not None:
+            activity, kinds = chosen[0], chosen
+        else:
+            activity = "pl" if spec.is_log else "pw"
+            kinds = ("pl", "pw") if spec.is_log else ("pw", "write_lan")
         scope = check_scope(spec.scope, ErrorCode.STAGEOUTFAILED) if spec.scope else ""
         if not scope:
             raise PilotError(ErrorCode.STAGEOUTFAILED, f"no scope for {spec.lfn}")
         configured = next(
-            (_as_list(queuedata.astorages.get(a)) for a in activities if queuedata.astorages.get(a)), []
+            (_as_list(queuedata.astorages.get(a)) for a in kinds if queuedata.astorages.get(a)), []
         )
         endpoints = _dedup([spec.ddm_endpoint if storage.get(spec.ddm_endpoint) else "", *configured])
         if not alternatives:
             endpoints = endpoints[:1]
-        tool_names = copytools_for(queuedata, activities)
+        tool_names = copytools_for(queuedata, kinds)
         tools = [registry.get(name) for name in tool_names]
         relative = rucio_path(scope, spec.lfn)
         attempts: list[Attempt] = []

@@ -66,6 +66,8 @@ class Endpoint:
     site: str = ""
     kind: str = ""
     protocols: Mapping[str, tuple[Protocol, ...]] = field(default_factory=dict)
+    #: The storage's numeric id in the information system (``objstoreID`` of ES archives).
+    resource_id: int | None = None
 
     def protocols_for(self, activity: str) -> tuple[Protocol, ...]:
         """Protocols for ``activity`` (read_lan, write_wan...), best first."""
@@ -118,7 +120,13 @@ def parse_endpoint(name: str, raw: Mapping[str, Any]) -> Endpoint:
         site=str(raw.get("rc_site") or raw.get("site") or ""),
         kind=str(raw.get("type") or ""),
         protocols=ordered,
+        resource_id=_resource_id(raw.get("id")),
     )
+
+
+def _resource_id(value: Any) -> int | None:
+    """CRIC's numeric id of the endpoint; anything else (absent, text, bool) is no id."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @record(frozen=True)

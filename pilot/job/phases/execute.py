@@ -22,6 +22,7 @@ from pilot.job.composition import HPO_LOOP_END, fetch_step, step_argv, step_fail
 from pilot.job.context import JobContext
 from pilot.job.credentials import remove_job_credentials, write_job_credentials
 from pilot.job.launcher import ProcessLauncher
+from pilot.job.phases.events import EventServicePayload, is_event_service
 from pilot.job.phases.payload import PayloadRun
 from pilot.job.states import JobPhase
 from pilot.logs import pilot_observer
@@ -85,7 +86,8 @@ class ExecutePhase:
                     utility.start()
             if "preprocess" in steps and not await self._preprocess(launcher, steps["preprocess"], environ):
                 return
-            payload = PayloadRun(ctx, launcher, command, environ, steps.get("coprocess"), utilities)
+            runner = EventServicePayload if is_event_service(ctx) else PayloadRun
+            payload = runner(ctx, launcher, command, environ, steps.get("coprocess"), utilities)
             await payload.run()
             if "postprocess" in steps:
                 await self._postprocess(launcher, steps["postprocess"], environ)

@@ -101,7 +101,7 @@ def final_fields(ctx: JobContext, state: ServerState) -> JobUpdate:
         job_output_report=job_output_report(ctx.reported) if ctx.reported else None,
         exe_error_code=analysis.exe_error_code,
         exe_error_diag=analysis.exe_error_diag,
-        n_events=analysis.n_events,
+        n_events=ctx.n_events if ctx.n_events is not None else analysis.n_events,
         meta_data=analysis.meta_data,
     )
 

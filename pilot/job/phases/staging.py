@@ -30,6 +30,12 @@ class StageOutPhase:
         ctx = self.ctx
         assert ctx.workdir is not None and ctx.staging is not None
         ctx.advance(JobPhase.STAGEOUT)
+        if ctx.job.flag("eventService") and not ctx.job.flag("eventServiceMerge"):
+            # an event-service job's outputs went to the object store range by range, in
+            # archives (``pilot.job.phases.events``); the job's own output files are made
+            # later by the merge job
+            ctx.reported = []
+            return
         described = await ctx.control.guard(
             describe_outputs(
                 ctx.job, ctx.workdir, ctx.env.in_thread, max_size=ctx.env.config.monitor.max_output_size

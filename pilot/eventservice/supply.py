@@ -1,0 +1,249 @@
+"""The prefetch buffer: event ranges fetched ahead so a payload worker never waits on the server.
+
+One request to the server is in flight at a time (``acquire_event_ranges`` is not
+idempotent, so requests are never overlapped or repeated blindly).  How many ranges a
+request asks for follows the consumption: enough to cover the workers' appetite over
+a few server round trips, between ``min_request`` and ``max_request``.  A small
+buffer matters: every range held by the pilot is lost work if the pilot dies, so it
+holds about what the next round trips will use, not the whole task.
+
+The server saying "no more" (an empty list) ends the supply.  A failed request is
+retried on the clock with growing delays; after ``max_failures`` in a row the supply
+ends with the error, which the job reports.  ``stop`` ends it at once: waiting workers
+get None ("No more events") and the buffered ranges, never handed out, are returned
+so the job can report them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pilot.errorcodes import ErrorCode
+from pilot.errors import PilotError
+from pilot.eventservice.ranges import EventRange, EventRangeError, parse_event_ranges
+from pilot.logs import pilot_observer
+
+log = Logger(observer=pilot_observer)
+
+#: Asks the server for up to ``n`` ranges; the range objects as sent.
+Fetch = Callable[[int], Awaitable[Sequence[Mapping[str, Any]]]]
+
+#: Seconds between attempts after a failed request (the last one repeats).
+RETRY_DELAYS = (2.0, 5.0, 15.0, 30.0, 60.0)
+
+#: Round trips of consumption the buffer aims to hold.
+ROUND_TRIPS_AHEAD = 3.0
+
+
+class EventRangeRepeated(Exception):
+    """A reply holding only ranges already received: counted as a failed request."""
+
+
+class RangeSupply:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        fetch: Fetch,
+        *,
+        min_request: int = 8,
+        max_request: int = 1000,
+        max_failures: int = 5,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
+    ) -> None:
+        self._clock = clock
+        self._fetch = fetch
+        self.min_request = max(1, min_request)
+        self.max_request = max(self.min_request, max_request)
+        self._max_failures = max_failures
+        self._retry_delays = tuple(retry_delays) or (0.0,)
+        self._buffer: deque[EventRange] = deque()
+        self._waiters: deque[tuple[Deferred[list[EventRange] | None], int, float]] = deque()
+        self._fetching = False
+        self._retry: IDelayedCall | None = None
+        self._failures = 0
+        self._rate = 0.0  # ranges taken per second, smoothed
+        self._round_trip = 0.0  # seconds, smoothed
+        self._taken_since = 0
+        self._since = clock.seconds()
+        self.ended = False
+        #: Why the supply ended early (a server failure, a bad range), if it did.
+        self.error: PilotError | None = None
+        self.requests = 0
+        self.received = 0
+        self.taken = 0
+        #: Seconds workers spent waiting for a range, summed over workers.
+        self.wait_seconds = 0.0
+        self._seen: set[str] = set()
+        self._primed: list[Deferred[None]] = []
+
+    @property
+    def level(self) -> int:
+        return len(self._buffer)
+
+    # -- the workers' side -------------------------------------------------------------
+
+    def take(self, count: int = 1) -> Deferred[list[EventRange] | None]:
+        """Up to ``count`` ranges (at least one), or None once the supply has ended."""
+        if self._buffer and not self._waiters:
+            ranges = self._pop(count)
+            self._refill()
+            return succeed(ranges)
+        if self.ended:
+            return succeed(None)
+        waiter: Deferred[list[EventRange] | None] = Deferred(self._cancel_waiter)
+        self._waiters.append((waiter, count, self._clock.seconds()))
+        self._refill()
+        return waiter
+
+    def stop(self, reason: str) -> list[EventRange]:
+        """End the supply now; the ranges fetched but never handed out."""
+        if not self.ended:
+            log.info("event ranges: supply stopped: {reason}", reason=reason, event="es.supply_stop")
+        self._end()
+        left = list(self._buffer)
+        self._buffer.clear()
+        return left
+
+    async def prime(self) -> None:
+        """Fetch the first ranges (before the payload starts) and wait for the answer."""
+        self._refill()
+        while self._fetching or self._retry is not None:
+            done: Deferred[None] = Deferred()
+            self._primed.append(done)
+            await done
+
+    # -- fetching ---------------------------------------------------------------------
+
+    def _pop(self, count: int) -> list[EventRange]:
+        ranges = [self._buffer.popleft() for _ in range(min(count, len(self._buffer)))]
+        self.taken += len(ranges)
+        self._taken_since += len(ranges)
+        return ranges
+
+    def _wanted(self) -> int:
+        appetite = self._rate * max(self._round_trip, 0.001) * ROUND_TRIPS_AHEAD
+        waiting = sum(count for _, count, _ in self._waiters)
+        return max(self.min_request, math.ceil(appetite), waiting)
+
+    def _refill(self) -> None:
+        if self.ended or self._fetching or self._retry is not None:
+            return
+        wanted = self._wanted()
+        if self.level >= wanted // 2 and not self._waiters:
+            return
+        n = min(self.max_request, max(self.min_request, wanted - self.level))
+        self._fetching = True
+        self.requests += 1
+        started = self._clock.seconds()
+        fetched = Deferred.fromCoroutine(self._fetch_parsed(n))
+        fetched.addCallbacks(self._arrived, self._failed, callbackArgs=(started,))
+
+    async def _fetch_parsed(self, n: int) -> tuple[EventRange, ...]:
+        return parse_event_ranges(await self._fetch(n))
+
+    def _arrived(self, ranges: tuple[EventRange, ...], started: float) -> None:
+        self._fetching = False
+        self._failures = 0
+        now = self._clock.seconds()
+        self._learn(now, now - started)
+        fresh = [r for r in ranges if r.range_id not in self._seen]
+        if len(fresh) != len(ranges):
+            log.warn(
+                "event ranges: the server sent {n} range(s) it had sent before; ignored",
+                n=len(ranges) - len(fresh),
+                event="es.duplicate_ranges",
+            )
+        self._seen.update(r.range_id for r in fresh)
+        self.received += len(fresh)
+        if not ranges:
+            log.info("event ranges: the server has no more", event="es.no_more")
+            self._end()
+            return
+        if not fresh:
+            self._failed(Failure(EventRangeRepeated("the server sent only ranges it had sent before")))
+            return
+        self._buffer.extend(fresh)
+        self._serve()
+        self._release_primed()
+        self._refill()
+
+    def _failed(self, failure: Any) -> None:
+        self._fetching = False
+        if failure.check(CancelledError):
+            self._end()
+            return
+        error = failure.value
+        if isinstance(error, EventRangeError):
+            self.error = PilotError(ErrorCode.ESFATAL, f"bad event ranges from the server: {error}")
+            self._end()
+            return
+        self._failures += 1
+        if self._failures >= self._max_failures:
+            self.error = PilotError(
+                ErrorCode.ESRECOVERABLE,
+                f"no event ranges after {self._failures} failed requests: {error}",
+            )
+            log.error("event ranges: giving up: {error}", error=str(error), event="es.supply_failed")
+            self._end()
+            return
+        delay = self._retry_delays[min(self._failures, len(self._retry_delays)) - 1]
+        log.warn(
+            "event ranges: request failed ({error}); again in {delay} s",
+            error=str(error),
+            delay=delay,
+            event="es.request_failed",
+        )
+        self._retry = self._clock.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._refill()
+
+    def _learn(self, now: float, round_trip: float) -> None:
+        """Smooth the round trip and the consumption rate, which size the next request."""
+        self._round_trip = round_trip if self.requests <= 1 else 0.7 * self._round_trip + 0.3 * round_trip
+        elapsed = now - self._since
+        if elapsed > 0:
+            rate = self._taken_since / elapsed
+            self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
+        self._taken_since = 0
+        self._since = now
+
+    def _serve(self) -> None:
+        now = self._clock.seconds()
+        while self._waiters and self._buffer:
+            waiter, count, since = self._waiters.popleft()
+            self.wait_seconds += now - since
+            waiter.callback(self._pop(count))
+
+    def _end(self) -> None:
+        self.ended = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        now = self._clock.seconds()
+        while self._waiters and self._buffer:
+            self._serve()
+        waiters, self._waiters = self._waiters, deque()
+        for waiter, _, since in waiters:
+            self.wait_seconds += now - since
+            waiter.callback(None)
+        self._release_primed()
+
+    def _release_primed(self) -> None:
+        primed, self._primed = self._primed, []
+        for done in primed:
+            done.callback(None)
+
+    def _cancel_waiter(self, waiter: Deferred[list[EventRange] | None]) -> None:
+        self._waiters = deque(w for w in self._waiters if w[0] is not waiter)
