@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorUNIX
 from twisted.internet.protocol import Factory, connectionDone
@@ -104,7 +104,7 @@ class WorkerConnection(TwistedProtocol):
         if self._exhausted:
             self._send(NO_MORE_EVENTS)
             return None
-        asking = self._feeder.next_ranges(self.worker)
+        asking = maybeDeferred(self._feeder.next_ranges, self.worker)
         self._in_flight = asking
         answered: Deferred[None] = asking.addCallback(self._send_ranges)
         answered.addErrback(self._not_answered)

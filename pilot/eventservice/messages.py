@@ -35,7 +35,8 @@ NO_MORE_EVENTS = "No more events"
 MAX_LINE_BYTES = 64 * 1024
 
 #: ``ERR_ATHENAMP_PARSE`` carries the range's dictionary text instead of its id.
-_RANGE_ID_IN_TEXT = re.compile(r"""["']eventRangeID["']\s*:\s*["']([^"']+)["']""")
+#: AthenaMP quotes it and often writes it as a Python 2 repr (``u'eventRangeID': u'...'``).
+_RANGE_ID_IN_TEXT = re.compile(r"""u?["']eventRangeID["']\s*:\s*u?["']([^"']+)["']""")
 _ERROR_CODE = re.compile(r"ERR_[A-Z0-9_]+")
 
 
@@ -104,15 +105,16 @@ def _parse_failed(line: str) -> RangeFailed:
     code, _, rest = line.partition(" ")
     if not _ERROR_CODE.fullmatch(code):
         raise ChannelMessageError(f"not an ERR_<CODE> message: {line!r}")
-    found = _RANGE_ID_IN_TEXT.search(rest) if rest.startswith("{") else None
+    found = _RANGE_ID_IN_TEXT.search(rest)
     if found is not None:
         return RangeFailed(range_id=found.group(1), code=code, text=rest)
     range_id, separator, text = rest.partition(": ")
     if not separator:
-        range_id, _, text = rest.partition(":")
+        range_id, separator, text = rest.partition(":")
     range_id = range_id.strip()
-    if not range_id or " " in range_id:
-        raise ChannelMessageError(f"no range id in {line!r}")
+    if not separator or not range_id or " " in range_id or range_id[0] in "{\"'":
+        # ``ERR_ATHENAMP_PARSE <text>`` without a range's id: nothing to fail
+        raise ChannelMessageError(f"no range id in {line[:200]!r}")
     return RangeFailed(range_id=range_id, code=code, text=text.strip())
 
 
