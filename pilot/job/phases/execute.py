@@ -23,6 +23,7 @@ from pilot.job.context import JobContext
 from pilot.job.credentials import remove_job_credentials, write_job_credentials
 from pilot.job.launcher import ProcessLauncher
 from pilot.job.phases.events import EventServicePayload, is_event_service
+from pilot.job.phases.hpo import HpoLoop, is_hpo
 from pilot.job.phases.payload import PayloadRun
 from pilot.job.states import JobPhase
 from pilot.logs import pilot_observer
@@ -84,6 +85,9 @@ class ExecutePhase:
             for utility in utilities:
                 if utility.spec.when == "before":
                     utility.start()
+            if is_hpo(ctx):
+                await self._hpo_loop(launcher, steps, command, environ)
+                return
             if "preprocess" in steps and not await self._preprocess(launcher, steps["preprocess"], environ):
                 return
             runner = EventServicePayload if is_event_service(ctx) else PayloadRun
@@ -102,6 +106,32 @@ class ExecutePhase:
             for utility in utilities:
                 await utility.stop()
             await env.in_thread(remove_job_credentials, workdir)
+
+    async def _hpo_loop(
+        self, launcher: ProcessLauncher, steps: Mapping[str, Step], command: str, environ: Mapping[str, str]
+    ) -> None:
+        """An HPO job's passes (``pilot.job.phases.hpo``); ``with`` utilities do not run in them."""
+        ctx = self.ctx
+        pre, post = steps.get("preprocess"), steps.get("postprocess")
+
+        async def preprocess() -> bool:
+            assert pre is not None
+            return await self._preprocess(launcher, pre, environ)
+
+        async def run_payload(extra: Mapping[str, str]) -> None:
+            payload = PayloadRun(ctx, launcher, command, {**environ, **extra}, steps.get("coprocess"), [])
+            await payload.run()
+
+        async def postprocess() -> None:
+            assert post is not None
+            await self._postprocess(launcher, post, environ)
+
+        await HpoLoop(
+            ctx,
+            preprocess if pre is not None else None,
+            run_payload,
+            postprocess if post is not None else None,
+        ).run()
 
     def _utility_starter(
         self, launcher: ProcessLauncher, name: str, environ: Mapping[str, str]
