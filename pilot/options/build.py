@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pilot.config import HarvesterFiles, KeepWorkdirs, PilotConfig
+from pilot.config import EventServiceOptions, HarvesterFiles, KeepWorkdirs, PilotConfig
 from pilot.errors import PilotError, exit_code_for
 from pilot.model.credentials import Credentials
 from pilot.monitor.settings import MonitorSettings
@@ -266,6 +266,12 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         storagedata=storage,
         transfer_parallelism=values["transfer-parallelism"],
         transfer_progress=values["transfer-progress"],
+        event_service=EventServiceOptions(
+            ranges_per_request=values["es-ranges-per-request"],
+            max_fetch=values["es-max-fetch"],
+            batch_ranges=values["es-batch-ranges"],
+            zip_time_gap=values["es-zip-time-gap"],
+        ),
         baseurls=tuple(u.strip().rstrip("/") for u in values["baseurls"].split(",") if u.strip()),
         debug=values["debug"],
         report_worker_node=not values["no-worker-node-report"],

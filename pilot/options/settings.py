@@ -70,6 +70,21 @@ def positive(name: str, expected: str = "a number of seconds") -> Converter:
 seconds = positive
 
 
+def nonnegative(name: str) -> Converter:
+    """Zero or a positive, finite number of seconds."""
+
+    def convert(value: object) -> float:
+        try:
+            number = float(_number_text(name, value, "a number of seconds"))
+        except ValueError:
+            raise ConfigError(f"--{name}: expected a number of seconds, got {value!r}") from None
+        if not 0 <= number < float("inf"):
+            raise ConfigError(f"--{name}: must be zero or positive, got {value!r}")
+        return number
+
+    return convert
+
+
 def whole(name: str, low: int = 0, high: int | None = None) -> Converter:
     """A whole number in ``low..high`` (no upper bound when ``high`` is None)."""
 
@@ -237,6 +252,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "transfer-progress", None, 60.0, "Seconds between progress lines of a long transfer.",
         seconds("transfer-progress"),
+    ),
+    Setting(
+        "es-ranges-per-request", None, 1, "Event service: ranges handed to a payload worker per request.",
+        whole("es-ranges-per-request", 1, 100),
+    ),
+    Setting(
+        "es-max-fetch", None, 1000, "Event service: most ranges asked of the server in one request.",
+        whole("es-max-fetch", 1, 10000),
+    ),
+    Setting(
+        "es-batch-ranges", None, 100, "Event service: finished ranges per archive (an archive closes earlier "
+        "after the zip time gap).", whole("es-batch-ranges", 1, 100000),
+    ),
+    Setting(
+        "es-zip-time-gap", None, 0.0, "Event service: seconds a finished range waits for its archive at most "
+        "(0: the queue's zip_time_gap, else 600).", nonnegative("es-zip-time-gap"),
     ),
     Setting(
         "baseurls", "g", "", "Comma-separated base URLs to download transformations from.", text("baseurls")
