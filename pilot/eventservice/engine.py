@@ -57,6 +57,8 @@ class EventServiceSettings:
     #: The queue's ``zip_time_gap``: the longest a finished range waits for its archive.
     zip_time_gap: float = 600.0
     max_batches_in_flight: int = 2
+    #: Range requests out at once: a second one goes when the first is found too small.
+    fetches_in_flight: int = 2
 
 
 @record(frozen=True)
@@ -89,7 +91,11 @@ class EventService:
         self.job = job
         self.settings = settings
         self.supply = RangeSupply(
-            clock, self._fetch, min_request=settings.min_fetch, max_request=settings.max_fetch
+            clock,
+            self._fetch,
+            min_request=settings.min_fetch,
+            max_request=settings.max_fetch,
+            max_in_flight=settings.fetches_in_flight,
         )
         self.reporter = RangeReporter(clock, source.update_event_ranges, job.panda_id, on_command=on_command)
         self.batcher = Batcher(
@@ -105,6 +111,8 @@ class EventService:
             max_in_flight=settings.max_batches_in_flight,
         )
         self._handed: dict[str, tuple[str, EventRange]] = {}
+        #: When each worker last got ranges, and how many: its pace sizes the requests.
+        self._last_answer: dict[str, tuple[float, int]] = {}
         self.handing_out = True
         self.finished_payload = 0
         self.failed_payload = 0
@@ -112,7 +120,9 @@ class EventService:
         self.unexpected = 0
         self.bad_messages = 0
         self.events_stored = 0
+        #: The workers connected now (their number divides the pace into a demand).
         self.workers: set[str] = set()
+        self.workers_seen: set[str] = set()
 
     # -- the server side ----------------------------------------------------------------
 
@@ -138,6 +148,13 @@ class EventService:
     async def finish(self, deadline: float, reason: str) -> None:
         """After the payload: fail what it did not finish, store and report the rest by ``deadline``."""
         self.stop_handing_out(reason)
+        settling = Deferred.fromCoroutine(self.supply.settled())
+        settling.addTimeout(max(0.0, deadline - self._clock.seconds()), self._clock)
+        try:
+            await settling
+        except CancelledError:
+            log.warn("event ranges: a range request was still unanswered at the end", event="es.fetch_late")
+        self._fail_ranges(self.supply.late(), ErrorCode.ESRECOVERABLE, f"not processed: {reason}")
         unfinished = [entry[1] for entry in self._handed.values()]
         self._handed.clear()
         self._fail_ranges(unfinished, ErrorCode.ESRECOVERABLE, f"not finished by the payload: {reason}")
@@ -160,6 +177,10 @@ class EventService:
 
     def next_ranges(self, worker: str) -> Deferred[Ranges | None]:
         self.workers.add(worker)
+        self.workers_seen.add(worker)
+        last = self._last_answer.pop(worker, None)
+        if last is not None:
+            self.supply.note_pace((self._clock.seconds() - last[0]) / last[1], len(self.workers))
         if not self.handing_out:
             return succeed(None)
         taking = self.supply.take(self.settings.ranges_per_request)
@@ -173,6 +194,7 @@ class EventService:
             return None
         for item in ranges:
             self._handed[item.range_id] = (worker, item)
+        self._last_answer[worker] = (self._clock.seconds(), len(ranges))
         return [item.raw for item in ranges]
 
     def range_done(self, worker: str, message: RangeDone) -> None:
@@ -198,6 +220,8 @@ class EventService:
         )
 
     def worker_gone(self, worker: str) -> None:
+        self.workers.discard(worker)
+        self._last_answer.pop(worker, None)
         lost = [entry[1] for entry in self._handed.values() if entry[0] == worker]
         for item in lost:
             del self._handed[item.range_id]
@@ -264,7 +288,7 @@ class EventService:
             "ranges_refused_by_server": reporter.refused,
             "ranges_unreported": reporter.pending,
             "events_stored": self.events_stored,
-            "workers": len(self.workers),
+            "workers": len(self.workers_seen),
             "batches": batcher.batches,
             "bytes_stored": batcher.bytes,
             "range_requests": supply.requests,

@@ -1,9 +1,13 @@
 """The prefetch buffer: event ranges fetched ahead so a payload worker never waits on the server.
 
-One request to the server is in flight at a time (``acquire_event_ranges`` is not
-idempotent, so requests are never overlapped or repeated blindly).  How many ranges a
-request asks for follows the consumption: enough to cover the workers' appetite over
-a few server round trips, between ``min_request`` and ``max_request``.  A small
+Requests are never repeated blindly (``acquire_event_ranges`` is not idempotent: a
+reply that was lost still gave its ranges to the job); at most ``max_in_flight`` are
+out at once.  How many ranges a request asks for follows the demand: the workers'
+pace (the time a worker takes between receiving ranges and asking again, which the
+feeder reports with ``note_pace``) and the consumption measured, over a few server
+round trips, between ``min_request`` and ``max_request``.  Pace, not consumption
+alone, sizes the requests: a starved worker consumes only what arrives, so the
+consumption of a starved payload says nothing of what it could take.  A small
 buffer matters: every range held by the pilot is lost work if the pilot dies, so it
 holds about what the next round trips will use, not the whole task.
 
@@ -57,6 +61,7 @@ class RangeSupply:
         *,
         min_request: int = 8,
         max_request: int = 1000,
+        max_in_flight: int = 1,
         max_failures: int = 5,
         retry_delays: Sequence[float] = RETRY_DELAYS,
     ) -> None:
@@ -68,7 +73,15 @@ class RangeSupply:
         self._retry_delays = tuple(retry_delays) or (0.0,)
         self._buffer: deque[EventRange] = deque()
         self._waiters: deque[tuple[Deferred[list[EventRange] | None], int, float]] = deque()
-        self._fetching = False
+        self.max_in_flight = max(1, max_in_flight)
+        self._in_flight = 0
+        self._asked = 0  # ranges asked for by the requests in flight
+        self._pace = 0.0  # seconds a worker spends per range, smoothed
+        self._pace_workers = 0
+        self._settled: list[Deferred[None]] = []
+        self._late: list[EventRange] = []
+        self.stopped = False
+        self._no_more = False
         self._retry: IDelayedCall | None = None
         self._failures = 0
         self._rate = 0.0  # ranges taken per second, smoothed
@@ -105,19 +118,44 @@ class RangeSupply:
         self._refill()
         return waiter
 
+    def note_pace(self, seconds_per_range: float, workers: int) -> None:
+        """A worker took ``seconds_per_range`` per range; ``workers`` are asking for ranges."""
+        if seconds_per_range <= 0:
+            seconds_per_range = 1e-4
+        self._pace = seconds_per_range if self._pace == 0 else 0.7 * self._pace + 0.3 * seconds_per_range
+        self._pace_workers = workers
+        self._refill()
+
     def stop(self, reason: str) -> list[EventRange]:
-        """End the supply now; the ranges fetched but never handed out."""
-        if not self.ended:
+        """End the supply now; the ranges fetched but never handed out.
+
+        A reply still in flight may bring more: ``settled`` waits for it and ``late``
+        returns what it brought, so those ranges can be reported too.
+        """
+        if not self.stopped:
             log.info("event ranges: supply stopped: {reason}", reason=reason, event="es.supply_stop")
+        self.stopped = True
         self._end()
         left = list(self._buffer)
         self._buffer.clear()
         return left
 
+    def late(self) -> list[EventRange]:
+        """Ranges that arrived after ``stop`` (never handed out), once."""
+        late, self._late = self._late, []
+        return late
+
+    async def settled(self) -> None:
+        """Wait until no request is in flight."""
+        while self._in_flight:
+            done: Deferred[None] = Deferred()
+            self._settled.append(done)
+            await done
+
     async def prime(self) -> None:
         """Fetch the first ranges (before the payload starts) and wait for the answer."""
         self._refill()
-        while self._fetching or self._retry is not None:
+        while self._in_flight or self._retry is not None:
             done: Deferred[None] = Deferred()
             self._primed.append(done)
             await done
@@ -131,28 +169,34 @@ class RangeSupply:
         return ranges
 
     def _wanted(self) -> int:
-        appetite = self._rate * max(self._round_trip, 0.001) * ROUND_TRIPS_AHEAD
+        demand = self._rate
+        if self._pace > 0 and self._pace_workers:
+            demand = max(demand, self._pace_workers / self._pace)
+        appetite = demand * max(self._round_trip, 0.001) * ROUND_TRIPS_AHEAD
         waiting = sum(count for _, count, _ in self._waiters)
         return max(self.min_request, math.ceil(appetite), waiting)
 
     def _refill(self) -> None:
-        if self.ended or self._fetching or self._retry is not None:
+        if self.ended or self._no_more or self._retry is not None or self._in_flight >= self.max_in_flight:
             return
         wanted = self._wanted()
-        if self.level >= wanted // 2 and not self._waiters:
+        have = self.level + self._asked
+        starving = bool(self._waiters) and self._in_flight == 0
+        if not starving and have >= wanted // 2:
             return
-        n = min(self.max_request, max(self.min_request, wanted - self.level))
-        self._fetching = True
+        n = min(self.max_request, max(self.min_request, wanted - have))
+        self._in_flight += 1
+        self._asked += n
         self.requests += 1
         started = self._clock.seconds()
         fetched = Deferred.fromCoroutine(self._fetch_parsed(n))
-        fetched.addCallbacks(self._arrived, self._failed, callbackArgs=(started,))
+        fetched.addCallbacks(self._arrived, self._failed, callbackArgs=(started, n), errbackArgs=(n,))
 
     async def _fetch_parsed(self, n: int) -> tuple[EventRange, ...]:
         return parse_event_ranges(await self._fetch(n))
 
-    def _arrived(self, ranges: tuple[EventRange, ...], started: float) -> None:
-        self._fetching = False
+    def _arrived(self, ranges: tuple[EventRange, ...], started: float, asked: int) -> None:
+        self._request_ended(asked)
         self._failures = 0
         now = self._clock.seconds()
         self._learn(now, now - started)
@@ -165,20 +209,41 @@ class RangeSupply:
             )
         self._seen.update(r.range_id for r in fresh)
         self.received += len(fresh)
+        if self.stopped:
+            self._late.extend(fresh)
+            return
         if not ranges:
             log.info("event ranges: the server has no more", event="es.no_more")
-            self._end()
+            self._no_more = True
+        if self._no_more and not self._in_flight:
+            self._buffer.extend(fresh)
+            self._end()  # waiters get the buffer first, then None
+            return
+        if not ranges:
             return
         if not fresh:
-            self._failed(Failure(EventRangeRepeated("the server sent only ranges it had sent before")))
+            self._failure(Failure(EventRangeRepeated("the server sent only ranges it had sent before")))
             return
         self._buffer.extend(fresh)
         self._serve()
         self._release_primed()
         self._refill()
 
-    def _failed(self, failure: Any) -> None:
-        self._fetching = False
+    def _request_ended(self, asked: int) -> None:
+        self._in_flight -= 1
+        self._asked -= asked
+        if not self._in_flight:
+            settled, self._settled = self._settled, []
+            for done in settled:
+                done.callback(None)
+
+    def _failed(self, failure: Any, asked: int) -> None:
+        self._request_ended(asked)
+        self._failure(failure)
+
+    def _failure(self, failure: Any) -> None:
+        if self.stopped:
+            return
         if failure.check(CancelledError):
             self._end()
             return
@@ -196,6 +261,8 @@ class RangeSupply:
             log.error("event ranges: giving up: {error}", error=str(error), event="es.supply_failed")
             self._end()
             return
+        if self._retry is not None:
+            return  # another request failed too: one retry is enough
         delay = self._retry_delays[min(self._failures, len(self._retry_delays)) - 1]
         log.warn(
             "event ranges: request failed ({error}); again in {delay} s",
