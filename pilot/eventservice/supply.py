@@ -98,6 +98,7 @@ class RangeSupply:
         self.wait_seconds = 0.0
         self._seen: set[str] = set()
         self._primed: list[Deferred[None]] = []
+        self._priming = False
 
     @property
     def level(self) -> int:
@@ -154,11 +155,15 @@ class RangeSupply:
 
     async def prime(self) -> None:
         """Fetch the first ranges (before the payload starts) and wait for the answer."""
-        self._refill()
-        while self._in_flight or self._retry is not None:
-            done: Deferred[None] = Deferred()
-            self._primed.append(done)
-            await done
+        self._priming = True
+        try:
+            self._refill()
+            while self._in_flight or self._retry is not None:
+                done: Deferred[None] = Deferred()
+                self._primed.append(done)
+                await done
+        finally:
+            self._priming = False
 
     # -- fetching ---------------------------------------------------------------------
 
@@ -181,7 +186,8 @@ class RangeSupply:
             return
         wanted = self._wanted()
         have = self.level + self._asked
-        starving = bool(self._waiters) and self._in_flight == 0
+        # prime asks even when a request of one range would be "enough" of an empty buffer
+        starving = (bool(self._waiters) or (self._priming and not self._buffer)) and self._in_flight == 0
         if not starving and have >= wanted // 2:
             return
         n = min(self.max_request, max(self.min_request, wanted - have))
@@ -260,6 +266,10 @@ class RangeSupply:
             )
             log.error("event ranges: giving up: {error}", error=str(error), event="es.supply_failed")
             self._end()
+            return
+        if self._no_more:
+            if not self._in_flight:
+                self._end()  # the server said it has no more: nothing to retry
             return
         if self._retry is not None:
             return  # another request failed too: one retry is enough
