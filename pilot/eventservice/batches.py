@@ -84,6 +84,8 @@ class Batcher:
         self._in_flight: list[Deferred[None]] = []
         self._flushing = False
         self._overdue = False
+        #: Set by ``cancel``: no batch starts any more.
+        self.cancelled = False
         self.batches = 0
         self.bytes = 0
         self.archive_seconds = 0.0
@@ -104,12 +106,13 @@ class Batcher:
         """Close what waits, whatever its size, and wait for every batch to be stored."""
         self._flushing = True
         self._close()
-        while self._in_flight or self._pending:
+        while (self._in_flight or self._pending) and not self.cancelled:
             await DeferredList(list(self._in_flight), consumeErrors=True)
             self._close()
 
     def cancel(self) -> None:
         """Stop the age timer and cancel the batches in flight (the job is being torn down)."""
+        self.cancelled = True
         self._stop_timer()
         for batch in list(self._in_flight):
             batch.cancel()
@@ -125,6 +128,8 @@ class Batcher:
 
     def _close(self, *, aged: bool = False) -> None:
         self._overdue = self._overdue or aged
+        if self.cancelled:
+            return
         if not self._pending:
             self._stop_timer()
             return

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -148,22 +148,27 @@ class EventService:
     async def finish(self, deadline: float, reason: str) -> None:
         """After the payload: fail what it did not finish, store and report the rest by ``deadline``."""
         self.stop_handing_out(reason)
+        unfinished = [entry[1] for entry in self._handed.values()]
+        self._handed.clear()
+        self._fail_ranges(unfinished, ErrorCode.ESRECOVERABLE, f"not finished by the payload: {reason}")
+        # the batcher is cancelled at the deadline (a cancelled flush alone would let the
+        # batches waiting behind the cancelled ones start)
+        late_store = self._clock.callLater(max(0.0, deadline - self._clock.seconds()), self.batcher.cancel)
+        try:
+            await self.batcher.flush()
+        finally:
+            if late_store.active():
+                late_store.cancel()
+        if self.batcher.cancelled:
+            log.warn("event ranges: the last archives were not stored in time", event="es.flush_late")
+        # a range request still out when the supply stopped: its ranges are the job's too
         settling = Deferred.fromCoroutine(self.supply.settled())
         settling.addTimeout(max(0.0, deadline - self._clock.seconds()), self._clock)
         try:
             await settling
-        except CancelledError:
+        except TimeoutError:
             log.warn("event ranges: a range request was still unanswered at the end", event="es.fetch_late")
         self._fail_ranges(self.supply.late(), ErrorCode.ESRECOVERABLE, f"not processed: {reason}")
-        unfinished = [entry[1] for entry in self._handed.values()]
-        self._handed.clear()
-        self._fail_ranges(unfinished, ErrorCode.ESRECOVERABLE, f"not finished by the payload: {reason}")
-        flushing = Deferred.fromCoroutine(self.batcher.flush())
-        flushing.addTimeout(max(0.0, deadline - self._clock.seconds()), self._clock)
-        try:
-            await flushing
-        except CancelledError:
-            log.warn("event ranges: the last archives were not stored in time", event="es.flush_late")
         await self.reporter.flush(deadline)
         if self.reporter.pending:
             log.error(

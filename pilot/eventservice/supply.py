@@ -203,6 +203,12 @@ class RangeSupply:
 
     def _arrived(self, ranges: tuple[EventRange, ...], started: float, asked: int) -> None:
         self._request_ended(asked)
+        try:
+            self._reply(ranges, started)
+        finally:
+            self._release_settled()  # after the reply is taken in: ``late`` holds its ranges
+
+    def _reply(self, ranges: tuple[EventRange, ...], started: float) -> None:
         self._failures = 0
         now = self._clock.seconds()
         self._learn(now, now - started)
@@ -238,6 +244,8 @@ class RangeSupply:
     def _request_ended(self, asked: int) -> None:
         self._in_flight -= 1
         self._asked -= asked
+
+    def _release_settled(self) -> None:
         if not self._in_flight:
             settled, self._settled = self._settled, []
             for done in settled:
@@ -246,6 +254,7 @@ class RangeSupply:
     def _failed(self, failure: Any, asked: int) -> None:
         self._request_ended(asked)
         self._failure(failure)
+        self._release_settled()
 
     def _failure(self, failure: Any) -> None:
         if self.stopped:
