@@ -57,6 +57,8 @@ class RangeReporter:
         self._failures = 0
         self._idle: list[Deferred[None]] = []
         self._queued_ids: set[str] = set()
+        self._ever_queued: set[str] = set()
+        self._stopped = False
         self.reported_finished = 0
         self.reported_failed = 0
         self.refused = 0
@@ -80,7 +82,11 @@ class RangeReporter:
         self._kick()
 
     def _new(self, statuses: Sequence[RangeStatus]) -> list[RangeStatus]:
-        fresh = [s for s in statuses if s.range_id not in self._queued_ids]
+        fresh = []
+        for status in statuses:  # once ever, not only while queued: "each range once"
+            if status.range_id not in self._ever_queued:
+                self._ever_queued.add(status.range_id)
+                fresh.append(status)
         if len(fresh) != len(statuses):
             log.error("event ranges: a range was queued for reporting twice (ignored)", event="es.twice")
         self._queued_ids.update(s.range_id for s in fresh)
@@ -104,6 +110,7 @@ class RangeReporter:
 
     def stop(self) -> None:
         """Send nothing more (the job is over)."""
+        self._stopped = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
@@ -114,7 +121,7 @@ class RangeReporter:
     # -- sending ---------------------------------------------------------------------
 
     def _kick(self) -> None:
-        if self._busy or (self._retry is not None and self._retry.active()):
+        if self._stopped or self._busy or (self._retry is not None and self._retry.active()):
             return
         update = self._next_update()
         if update is None:
@@ -169,6 +176,9 @@ class RangeReporter:
             return
         self.failed_calls += 1
         self._failures += 1
+        if self._stopped:  # the report in flight when the job ended: not sent again
+            self._wake()
+            return
         # put it back in front, so the order holds
         if update.version == 1:
             self._chunks[:0] = list(update.chunks)
