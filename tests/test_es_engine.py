@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -43,10 +43,6 @@ def make_range(number: int, *, events: int = 1) -> dict[str, object]:
         "GUID": "63A015D3-789D-E74D-BAA9-9F95DB068EE9",
         "scope": "mc15_13TeV",
     }
-
-
-def range_id(number: int) -> str:
-    return str(make_range(number)["eventRangeID"])
 
 
 def in_thread(f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
@@ -132,7 +128,7 @@ class Store:
     def __call__(self, path: Path, lfn: str, size: int, adler32: str) -> Deferred[StoredArchive]:
         self.calls.append((path, lfn, size, adler32))
         if self.fail is not None:
-            raise self.fail
+            return fail(self.fail)
         (self.remote / lfn).write_bytes(path.read_bytes())
         if self.hold:
             d: Deferred[StoredArchive] = Deferred()

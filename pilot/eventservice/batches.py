@@ -189,6 +189,7 @@ class Batcher:
                 event="es.store_failed",
             )
             self._fail(kept, ErrorCode.ESRECOVERABLE, f"archive {lfn} could not be stored: {exc}")
+            await self._in_thread(_unlink, built.path)  # its ranges are failed: the disk is freed
             return
         self.store_seconds += self._clock.seconds() - started
         self.batches += 1
