@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from pilot.devserver.adder import decide_adder
 from pilot.devserver.auth import clean_user_id
 from pilot.devserver.columns import DISPATCH_COLUMNS, PILOT_LOG_COLUMN, PILOT_LOG_WIDTH, refused
+from pilot.devserver.events import check_event_service_job, insert_event_ranges
 from pilot.devserver.jobdef import JobDefinition, JobDefinitionError, normalise_job, render_job
 from pilot.devserver.queues import QueueRegistry
 from pilot.devserver.store import JobRecord, JobSelector, JobStore, UpdateRecord
@@ -107,6 +108,7 @@ class Dispatcher:
         for index, (panda_id, job) in enumerate(split_submission(submission)):
             try:
                 definition = normalise_job(job, submitter_dn=submitter_dn, default_site=self.default_site)
+                check_event_service_job(definition)
             except JobDefinitionError as exc:
                 raise JobDefinitionError(f"job {index}: {exc}") from None
             if panda_id is not None:
@@ -118,7 +120,8 @@ class Dispatcher:
 
     async def submit(self, submission: object, *, submitter_dn: str) -> list[int]:
         """Store new ``activated`` jobs; returns their PandaIDs."""
-        ids = await self._store.insert_jobs(self.definitions(submission, submitter_dn), self._clock.seconds())
+        definitions = self.definitions(submission, submitter_dn)
+        ids = await self._store.insert_jobs(definitions, self._clock.seconds(), insert_event_ranges)
         log.info("submitted jobs {pandaids}", pandaids=ids)
         return ids
 
@@ -130,7 +133,9 @@ class Dispatcher:
             raise JobDefinitionError(f"{source}: not JSON: {exc}") from None
         definitions = self.definitions(submission, submitter_dn)
         digest = hashlib.sha256(content).hexdigest()
-        ids = await self._store.submit_once(digest, source, definitions, self._clock.seconds())
+        ids = await self._store.submit_once(
+            digest, source, definitions, self._clock.seconds(), insert_event_ranges
+        )
         if ids is None:
             log.info("job file {source} was submitted before; skipped", source=source)
         else:

@@ -14,6 +14,10 @@ brokerage): ``prodSourceLabel`` ``managed``, ``destinationSE`` = ``computingSite
 ``resource_type`` ``SCORE``/``MCORE`` from ``coreCount``, ``prodUserID`` = the
 submitter's DN, one ``panda.destDB.<uuid>`` output dataset, and a generated GUID
 for input files that have none.
+
+``esRanges`` (development only, never sent to a pilot) stands in for JEDI's event table:
+``{"count": N, "eventsPerRange": k, "firstEvent": f, "attemptNr": a}`` gives an
+event-service job N ranges of k events over its first input file (``pilot.devserver.events``).
 """
 
 from __future__ import annotations
@@ -181,12 +185,27 @@ ACCEPTED_KEYS = frozenset(
         "loopingCheck",
         "allowNoOutput",
         *PASSTHROUGH_KEYS,
+        "esRanges",
     }
 )
+
+#: Most ranges one development job may ask for (the table is SQLite on the developer's disk).
+MAX_ES_RANGES = 100_000
 
 
 class JobDefinitionError(ValueError):
     """A submitted job cannot be turned into a PanDA job definition."""
+
+
+@dataclass(frozen=True)
+class EventRangeSpec:
+    """The dev-only ``esRanges`` field: how JEDI would have split the job's first input file."""
+
+    count: int
+    events_per_range: int = 1
+    first_event: int = 1
+    #: JEDI counts a range's attempts down; a range is handed out while it is above 0.
+    attempt_nr: int = 10
 
 
 @dataclass(frozen=True)
@@ -211,6 +230,8 @@ class JobDefinition:
     debug: bool
     #: ``appendJob`` values except StatusCode/PandaID/attemptNr/debug, plus the conditional flags.
     wire: dict[str, object]
+    #: The event ranges to create for an event-service job (``esRanges``), never on the wire.
+    es_ranges: EventRangeSpec | None = None
 
 
 def normalise_job(
@@ -314,6 +335,7 @@ def normalise_job(
         prod_user_name=clean_user_id(prod_user_id) or prod_user_id,
         debug=_boolean(job, "debug"),
         wire=wire,
+        es_ranges=_es_ranges(job.get("esRanges"), "eventService" in wire),
     )
 
 
@@ -379,6 +401,38 @@ def _integer(job: Mapping[str, object], name: str, default: int | None) -> int |
 
 def _null(value: int | None) -> object:
     return "NULL" if value is None else value
+
+
+def _es_ranges(value: object, event_service: bool) -> EventRangeSpec | None:
+    """``esRanges`` checked: counts are integers, and only an event-service job has ranges."""
+    if value is None:
+        return None
+    if not event_service:
+        raise JobDefinitionError("esRanges is only for eventService jobs")
+    if not isinstance(value, dict):
+        raise JobDefinitionError("esRanges must be an object {count, eventsPerRange, firstEvent, attemptNr}")
+    unknown = sorted(set(value) - {"count", "eventsPerRange", "firstEvent", "attemptNr"})
+    if unknown:
+        raise JobDefinitionError(f"unknown esRanges field(s): {', '.join(unknown)}")
+    limits = {"count": (1, MAX_ES_RANGES), "eventsPerRange": (1, 10**6), "firstEvent": (0, 2**40)}
+    limits["attemptNr"] = (1, 1000)
+    numbers: dict[str, int] = {}
+    for name, (low, high) in limits.items():
+        number = value.get(name)
+        if number is None and name != "count":
+            continue
+        if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+            raise JobDefinitionError(
+                f"esRanges.{name} must be an integer from {low} to {high}, got {number!r}"
+            )
+        numbers[name] = number
+    spec = EventRangeSpec(numbers["count"])
+    return EventRangeSpec(
+        count=spec.count,
+        events_per_range=numbers.get("eventsPerRange", spec.events_per_range),
+        first_event=numbers.get("firstEvent", spec.first_event),
+        attempt_nr=numbers.get("attemptNr", spec.attempt_nr),
+    )
 
 
 def _boolean(job: Mapping[str, object], name: str) -> bool:

@@ -10,7 +10,9 @@ inside the transaction.  Nothing in those functions may touch the reactor.
 Tables: ``jobs`` (one row per job: the columns the dispatcher selects on, the
 definition as JSON, the state and what the pilot reported), ``updates`` (every
 update received, with all its parameters), ``submissions`` (job files already
-submitted, by content digest), ``worker_nodes``/``worker_node_gpus``.
+submitted, by content digest), ``worker_nodes``/``worker_node_gpus``.  The event
+service's tables and SQL live in ``pilot.devserver.events``, which runs in the same
+thread through ``run``; a job's ranges are made in its insert transaction (``on_insert``).
 """
 
 from __future__ import annotations
@@ -219,6 +221,9 @@ class Decision(Protocol):
 D = TypeVar("D", bound=Decision)
 T = TypeVar("T")
 
+#: Called in the insert transaction after each job's row: (cursor, PandaID, definition).
+OnInsert = Callable[[sqlite3.Cursor, int, JobDefinition], None]
+
 
 class DuplicatePandaID(ValueError):
     """A submitted job carries a PandaID that is already in use."""
@@ -242,6 +247,10 @@ class JobStore:
     def _run(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return cast("Deferred[T]", self._pool.runInteraction(function, *args))  # type: ignore[no-untyped-call]
 
+    def run(self, function: Callable[..., T], *args: object) -> Deferred[T]:
+        """Run ``function(cursor, *args)`` as one transaction in the database thread."""
+        return self._run(function, *args)
+
     async def start(self) -> None:
         """Create the tables if needed."""
         await self._run(_create_schema)
@@ -252,14 +261,21 @@ class JobStore:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    async def insert_jobs(self, jobs: Sequence[JobDefinition], now: float) -> list[int]:
-        return await self._run(_insert_jobs, jobs, now)
+    async def insert_jobs(
+        self, jobs: Sequence[JobDefinition], now: float, on_insert: OnInsert | None = None
+    ) -> list[int]:
+        return await self._run(_insert_jobs, jobs, now, on_insert)
 
     async def submit_once(
-        self, digest: str, source: str, jobs: Sequence[JobDefinition], now: float
+        self,
+        digest: str,
+        source: str,
+        jobs: Sequence[JobDefinition],
+        now: float,
+        on_insert: OnInsert | None = None,
     ) -> list[int] | None:
         """Insert ``jobs`` unless content with this digest was submitted before (then None)."""
-        return await self._run(_submit_once, digest, source, jobs, now)
+        return await self._run(_submit_once, digest, source, jobs, now, on_insert)
 
     async def claim(self, selector: JobSelector, count: int, now: float) -> tuple[list[JobRecord], int]:
         """Mark up to ``count`` matching activated jobs ``sent``; also the server's ``nSent``."""
@@ -332,7 +348,9 @@ def _create_schema(cursor: sqlite3.Cursor) -> None:
             cursor.execute(statement)
 
 
-def _insert_jobs(cursor: sqlite3.Cursor, jobs: Sequence[JobDefinition], now: float) -> list[int]:
+def _insert_jobs(
+    cursor: sqlite3.Cursor, jobs: Sequence[JobDefinition], now: float, on_insert: OnInsert | None = None
+) -> list[int]:
     cursor.execute("SELECT COALESCE(MAX(submitOrder), 0) FROM jobs")
     order = int(cursor.fetchone()[0])
     ids: list[int] = []
@@ -374,16 +392,23 @@ def _insert_jobs(cursor: sqlite3.Cursor, jobs: Sequence[JobDefinition], now: flo
         )
         assert cursor.lastrowid is not None
         ids.append(cursor.lastrowid)
+        if on_insert is not None:
+            on_insert(cursor, cursor.lastrowid, job)
     return ids
 
 
 def _submit_once(
-    cursor: sqlite3.Cursor, digest: str, source: str, jobs: Sequence[JobDefinition], now: float
+    cursor: sqlite3.Cursor,
+    digest: str,
+    source: str,
+    jobs: Sequence[JobDefinition],
+    now: float,
+    on_insert: OnInsert | None,
 ) -> list[int] | None:
     cursor.execute("SELECT 1 FROM submissions WHERE digest = ?", (digest,))
     if cursor.fetchone() is not None:
         return None
-    ids = _insert_jobs(cursor, jobs, now)
+    ids = _insert_jobs(cursor, jobs, now, on_insert)
     cursor.execute("INSERT INTO submissions VALUES (?, ?, ?, ?)", (digest, source, now, json.dumps(ids)))
     return ids
 
