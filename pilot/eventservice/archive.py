@@ -109,19 +109,44 @@ def build_archive(members: Sequence[ArchiveMember], workdir: Path, destination: 
     with partial.open("wb") as raw:
         writer = _MeasuringWriter(raw)
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            for _, real in accepted:
-                with real.open("rb") as handle:
+            stored: list[tuple[str, Path]] = []
+            for range_id, real in accepted:
+                try:
+                    handle = _open_regular(real)
+                except OutputRefused as exc:
+                    refused[range_id] = str(exc)
+                    continue
+                with handle:
                     info = tar.gettarinfo(arcname=real.name, fileobj=handle)
                     info.uid = info.gid = 0
                     info.uname = info.gname = ""
                     tar.addfile(info, handle)
+                stored.append((range_id, real))
         raw.flush()
         os.fsync(raw.fileno())
     partial.replace(destination)
     return BuiltArchive(
         path=destination,
         facts=writer.checksum.facts(),
-        members=tuple(range_id for range_id, _ in accepted),
+        members=tuple(range_id for range_id, _ in stored),
         refused=refused,
-        files=tuple(real for _, real in accepted),
+        files=tuple(real for _, real in stored),
     )
+
+
+def _open_regular(real: Path) -> BinaryIO:
+    """Open an output that passed ``checked_output``, refusing what was swapped in since.
+
+    Between the check and the read a payload could replace the file with a symbolic
+    link (``O_NOFOLLOW`` refuses it) or a FIFO (``O_NONBLOCK`` keeps the open from
+    blocking a pool thread, and ``fstat`` refuses anything but a regular file).
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(real, flags)
+    except OSError as exc:
+        raise OutputRefused(f"output {str(real)!r} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputRefused(f"output {str(real)!r} is not a regular file")
+    return os.fdopen(fd, "rb")

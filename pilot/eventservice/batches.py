@@ -18,6 +18,7 @@ from pathlib import Path
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pilot.errorcodes import ErrorCode
 from pilot.eventservice.archive import ArchiveMember, BuiltArchive, archive_name, build_archive
@@ -111,9 +112,14 @@ class Batcher:
             self._close()
 
     def cancel(self) -> None:
-        """Stop the age timer and cancel the batches in flight (the job is being torn down)."""
+        """Stop the age timer and cancel the batches in flight (the job is being torn down).
+
+        Their ranges, and those still waiting for a batch, are failed (recoverably).
+        """
         self.cancelled = True
         self._stop_timer()
+        waiting, self._pending = self._pending, []
+        self._fail(waiting, ErrorCode.ESRECOVERABLE, "the archive was not stored before the job ended")
         for batch in list(self._in_flight):
             batch.cancel()
 
@@ -142,10 +148,15 @@ class Batcher:
         self._stop_timer()
         running = Deferred.fromCoroutine(self._run(batch))
         self._in_flight.append(running)
-        running.addBoth(self._ended, running)
+        running.addBoth(self._ended, running, batch)
 
-    def _ended(self, result: object, running: Deferred[None]) -> None:
+    def _ended(self, result: object, running: Deferred[None], batch: list[DoneRange]) -> None:
         self._in_flight.remove(running)
+        if isinstance(result, Failure):
+            # cancelled (the deadline) or a bug: the batch was neither reported nor failed
+            if not result.check(CancelledError):
+                log.failure("event ranges: a batch of {n} range(s) failed", result, n=len(batch))
+            self._fail(batch, ErrorCode.ESRECOVERABLE, "the archive was not stored before the job ended")
         if self._pending and self._timer is None and not (self._flushing or self._overdue):
             self._timer = self._clock.callLater(self.max_age, self._aged)
         self._close()

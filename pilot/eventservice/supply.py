@@ -43,6 +43,9 @@ Fetch = Callable[[int], Awaitable[Sequence[Mapping[str, Any]]]]
 #: Seconds between attempts after a failed request (the last one repeats).
 RETRY_DELAYS = (2.0, 5.0, 15.0, 30.0, 60.0)
 
+#: The shortest time per range a pace sample may claim (seconds).
+MIN_PACE = 1e-3
+
 #: Round trips of consumption the buffer aims to hold.
 ROUND_TRIPS_AHEAD = 3.0
 
@@ -121,8 +124,8 @@ class RangeSupply:
 
     def note_pace(self, seconds_per_range: float, workers: int) -> None:
         """A worker took ``seconds_per_range`` per range; ``workers`` are asking for ranges."""
-        if seconds_per_range <= 0:
-            seconds_per_range = 1e-4
+        # a worker asking again at once (its range failed at once) says little about its pace
+        seconds_per_range = max(seconds_per_range, MIN_PACE)
         self._pace = seconds_per_range if self._pace == 0 else 0.7 * self._pace + 0.3 * seconds_per_range
         self._pace_workers = workers
         self._refill()

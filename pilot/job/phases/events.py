@@ -138,17 +138,11 @@ class EventServicePayload:
             if len(os.fsencode(path)) >= UNIX_PATH_MAX:
                 raise PilotError(ErrorCode.ESFATAL, f"channel path too long for a Unix socket: {path}")
             await channel.listen()
-            await ctx.control.guard(service.start())
-            environ = {**self.environ, CHANNEL_WORD: str(path)}
-            payload = PayloadRun(
-                ctx,
-                self.launcher,
-                with_channel(self.command, str(path)),
-                environ,
-                self.coprocess,
-                self.utilities,
-            )
             try:
+                await ctx.control.guard(service.start())
+                environ = {**self.environ, CHANNEL_WORD: str(path)}
+                command = with_channel(self.command, str(path))
+                payload = PayloadRun(ctx, self.launcher, command, environ, self.coprocess, self.utilities)
                 await payload.run()
             finally:
                 await self._finish(service)
