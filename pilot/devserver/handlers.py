@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from pilot.devserver import protocol
 from pilot.devserver.auth import Authenticator, Identity
 from pilot.devserver.dispatcher import AcquireRequest, Dispatcher, UpdateResult
+from pilot.devserver.event_api import LEGACY_EVENT_METHODS, EventAPI
 from pilot.devserver.protocol import (
     MESSAGE_NO_ROLE,
     MESSAGE_PROD_ROLE,
@@ -44,12 +45,18 @@ class PilotAPI:
     """Legacy ``/server/panda/<method>`` and ``/api/v1/<module>/<method>`` for pilots."""
 
     def __init__(
-        self, dispatcher: Dispatcher, store: JobStore, authenticator: Authenticator, clock: IReactorTime
+        self,
+        dispatcher: Dispatcher,
+        store: JobStore,
+        authenticator: Authenticator,
+        clock: IReactorTime,
+        events: EventAPI,
     ) -> None:
         self._dispatcher = dispatcher
         self._store = store
         self._auth = authenticator
         self._clock = clock
+        self._events = events
 
     async def handle(
         self, route: Route, request: RawRequest, identity: Identity
@@ -70,6 +77,8 @@ class PilotAPI:
     async def _legacy(self, method: str, request: RawRequest, identity: Identity, params: Params) -> Reply:
         args = protocol.bind_legacy(method, params)
         accept_json = request.legacy_accepts_json
+        if method in LEGACY_EVENT_METHODS:
+            return await self._events.legacy(method, identity, args, accept_json)
         if method == "getJob":
             data = await self._legacy_get_job(identity, args, accept_json)
         else:
@@ -174,6 +183,8 @@ class PilotAPI:
             args = protocol.validate_v1(endpoint, route.method, request.http_method, params)
         except V1Rejected as exc:
             return protocol.v1_response(False, str(exc))
+        if route.module == "event":
+            return await self._events.v1(route.method, args)
         if route.method == "acquire_jobs":
             return await self._acquire_jobs(identity, args)
         if route.method == "update_job":

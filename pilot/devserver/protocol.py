@@ -243,9 +243,18 @@ def v1_response(success: bool, message: str = "", data: object = None) -> dict[s
 
 
 def encode_v1(response: Mapping[str, object], json_reply: bool) -> Reply:
-    """JSON when asked for, otherwise ``str(dict)``; the content type is text/plain either way."""
-    text = json.dumps(response) if json_reply else str(dict(response))
+    """JSON when asked for, otherwise ``str(dict)``; the content type is text/plain either way.
+
+    A value JSON cannot carry fails the request with the server's own message (its
+    ``encode_special_cases``), which the caller turns into the HTTP 500 the server sends.
+    """
+    text = json.dumps(response, default=_encode_special_cases) if json_reply else str(dict(response))
     return Reply(200, "text/plain", text.encode())
+
+
+def _encode_special_cases(value: object) -> object:
+    """``server/panda.py:encode_special_cases`` for the values a reply of ours can hold."""
+    raise TypeError(f"Type not serializable for {value} ({type(value)})")
 
 
 def error_reply(error: HTTPError) -> Reply:

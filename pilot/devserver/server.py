@@ -35,6 +35,8 @@ from twisted.python.failure import Failure
 
 from pilot.devserver.auth import Authenticator, ServerTLS, TokenGrant
 from pilot.devserver.dispatcher import Dispatcher
+from pilot.devserver.event_api import EventAPI
+from pilot.devserver.events import EventStore
 from pilot.devserver.handlers import PilotAPI
 from pilot.devserver.pki import PKIFiles, generate_pki
 from pilot.devserver.queues import QueueRegistry
@@ -95,7 +97,9 @@ class DevServer:
     dispatcher: Dispatcher
     authenticator: Authenticator
     queues: QueueRegistry
+    event_api: EventAPI
     _store: JobStore = field(repr=False)
+    _events: EventStore = field(repr=False)
     _listening: IListeningPort = field(repr=False)
     _connections: _ConnectionTracker = field(repr=False)
     _resource: DevServerResource = field(repr=False)
@@ -132,6 +136,16 @@ class DevServer:
         """Switch debug mode of a job on or off."""
         if not await self.dispatcher.set_debug(panda_id, on):
             raise KeyError(panda_id)
+
+    async def events(self, panda_id: int) -> dict[str, object]:
+        """A job's event ranges, archives and range reports (``GET /dev/jobs/<id>/events``).
+
+        ``KeyError`` if the job is unknown.  See ``pilot.devserver.events.job_events``.
+        """
+        view = await self._events.job_events(panda_id)
+        if view is None:
+            raise KeyError(panda_id)
+        return view
 
     async def worker_nodes(self, site: str | None = None) -> list[dict[str, object]]:
         """The last ``update_worker_node`` report per (site, host, CPU model), oldest first.
@@ -209,6 +223,7 @@ async def start_dev_server(
     idle_timeout: float | None = None,
     tls_sessions: bool = False,
     files: Path | None = None,
+    event_delay: float = 0.0,
 ) -> DevServer:
     """Start a development server keeping its state (database, PKI) in ``state_dir``.
 
@@ -220,7 +235,8 @@ async def start_dev_server(
     connections idle that long (Apache's ``KeepAliveTimeout``, 5 s by default there);
     ``tls_sessions`` lets clients resume TLS sessions, as mod_ssl's session cache does.
     ``files`` is served under ``/trf/`` (the real server's transformation area, with
-    ETag and Last-Modified revalidation).
+    ETag and Last-Modified revalidation).  ``event_delay`` makes every event-service call
+    answer that many seconds late (on the reactor's clock), for benchmarks.
     """
     clock = IReactorTime(reactor)
     state_dir = state_dir.absolute()
@@ -229,6 +245,8 @@ async def start_dev_server(
     store = JobStore(IReactorCore(reactor), state_dir / "panda-dev.sqlite")
     try:
         await store.start()
+        events = EventStore(store)
+        await events.start()
         registry = QueueRegistry(queues, timefloor=timefloor)
         authenticator = Authenticator(
             production_dns=production_dns if production_dns is not None else [pki.user_dn],
@@ -237,10 +255,12 @@ async def start_dev_server(
             default_dn=pki.user_dn,
         )
         dispatcher = Dispatcher(store, clock, registry)
+        event_api = EventAPI(events, authenticator, clock, event_delay)
         request_log = RequestLog(request_log_size)
         resource = DevServerResource(
-            api=PilotAPI(dispatcher, store, authenticator, clock),
+            api=PilotAPI(dispatcher, store, authenticator, clock, event_api),
             dispatcher=dispatcher,
+            events=events,
             authenticator=authenticator,
             queues=registry,
             request_log=request_log,
@@ -274,7 +294,9 @@ async def start_dev_server(
         dispatcher=dispatcher,
         authenticator=authenticator,
         queues=registry,
+        event_api=event_api,
         _store=store,
+        _events=events,
         _listening=listening,
         _connections=connections,
         _resource=resource,
@@ -307,6 +329,8 @@ class DevServerConfig:
     idle_timeout: float | None = None
     tls_sessions: bool = False
     files: Path | None = None
+    #: Seconds every event-service call waits before it answers (a slow server, for benchmarks).
+    event_delay: float = 0.0
 
 
 class DevServerService(Service):
@@ -338,6 +362,7 @@ class DevServerService(Service):
             idle_timeout=config.idle_timeout,
             tls_sessions=config.tls_sessions,
             files=config.files,
+            event_delay=config.event_delay,
         )
         for path in config.job_files:
             ids = await self.server.submit_file(path)

@@ -125,7 +125,52 @@ def updateJob(
     """Legacy ``updateJob`` parameters (all strings on the wire, except in JSON bodies)."""
 
 
-LEGACY_METHODS: dict[str, Callable[..., None]] = {"getJob": getJob, "updateJob": updateJob}
+def getEventRanges(
+    req: object,
+    pandaID: object,
+    jobsetID: object,
+    taskID: object = None,
+    nRanges: object = 10,
+    timeout: object = 60,
+    scattered: object = None,
+    segment_id: object = None,
+) -> None:
+    """Legacy ``getEventRanges`` parameters."""
+
+
+def updateEventRange(
+    req: object,
+    eventRangeID: object,
+    eventStatus: object,
+    coreCount: object = None,
+    cpuConsumptionTime: object = None,
+    objstoreID: object = None,
+    timeout: object = 60,
+    pandaID: object = None,
+) -> None:
+    """Legacy ``updateEventRange`` parameters (one range)."""
+
+
+def updateEventRanges(
+    req: object, eventRanges: object, timeout: object = 120, version: object = 0, pandaID: object = None
+) -> None:
+    """Legacy ``updateEventRanges`` parameters (``eventRanges`` is a JSON string)."""
+
+
+def checkEventsAvailability(
+    req: object, pandaID: object, jobsetID: object, taskID: object, timeout: object = 60
+) -> None:
+    """Legacy ``checkEventsAvailability`` parameters."""
+
+
+LEGACY_METHODS: dict[str, Callable[..., None]] = {
+    "getJob": getJob,
+    "updateJob": updateJob,
+    "getEventRanges": getEventRanges,
+    "updateEventRange": updateEventRange,
+    "updateEventRanges": updateEventRanges,
+    "checkEventsAvailability": checkEventsAvailability,
+}
 
 
 def bind_legacy(method: str, params: Params) -> Params:
@@ -289,6 +334,55 @@ V1_ENDPOINTS: dict[tuple[str, str], V1Endpoint] = {
         ),
     ),
     ("system", "is_alive"): V1Endpoint(False, False, "GET", _signature()),
+    # api/v1/event_api.py; update_single_event_range's object_store_id is annotated with the
+    # builtin ``id`` there, so any value but None breaks its type check (an HTTP 500)
+    ("event", "acquire_event_ranges"): V1Endpoint(
+        True,
+        True,
+        "POST",
+        _signature(
+            ("job_id", int, _REQUIRED),
+            ("jobset_id", int, _REQUIRED),
+            ("task_id", int, None),
+            ("n_ranges", int, 10),
+            ("timeout", int, 60),
+            ("scattered", bool, False),
+            ("segment_id", int, None),
+        ),
+    ),
+    ("event", "update_single_event_range"): V1Endpoint(
+        True,
+        True,
+        "POST",
+        _signature(
+            ("event_range_id", str, _REQUIRED),
+            ("event_range_status", str, _REQUIRED),
+            ("core_count", int, None),
+            ("cpu_consumption_time", float, None),
+            ("object_store_id", id, None),
+            ("timeout", int, 60),
+        ),
+    ),
+    ("event", "update_event_ranges"): V1Endpoint(
+        True,
+        True,
+        "POST",
+        _signature(("event_ranges", str, _REQUIRED), ("timeout", int, 120), ("version", int, 0)),
+    ),
+    ("event", "get_available_event_range_count"): V1Endpoint(
+        True,
+        True,
+        "GET",
+        _signature(
+            ("job_id", int, _REQUIRED),
+            ("jobset_id", int, _REQUIRED),
+            ("task_id", int, _REQUIRED),
+            ("timeout", _UNTYPED, 60),
+        ),
+    ),
+    ("event", "get_event_range_statuses"): V1Endpoint(
+        True, False, "GET", _signature(("job_task_ids", str, _REQUIRED))
+    ),
 }
 
 

@@ -37,6 +37,7 @@ class Options(usage.Options):
         ["ready-file", None, None, "Write a JSON file with url, port and credential paths once listening."],
         ["idle-timeout", None, None, "Close connections idle this many seconds (Apache: 5).", float],
         ["files", None, None, "Directory served under /trf/ (transformations, with ETag revalidation)."],
+        ["event-delay", None, 0.0, "Seconds every event-service call waits before answering.", float],
     ]
     optFlags = [
         ["plain-http", None, "Serve plain HTTP; every caller is the production user (debugging only)."],
@@ -80,6 +81,8 @@ class Options(usage.Options):
             raise usage.UsageError("--port must be between 0 and 65535")
         if self["timefloor"] < 0:
             raise usage.UsageError("--timefloor must not be negative")
+        if self["event-delay"] < 0:
+            raise usage.UsageError("--event-delay must not be negative")
         if self["token-file"]:
             try:
                 lines = Path(self["token-file"]).read_text().splitlines()
@@ -112,6 +115,7 @@ class Options(usage.Options):
             idle_timeout=self["idle-timeout"],
             tls_sessions=bool(self["tls-sessions"]),
             files=Path(self["files"]).absolute() if self["files"] else None,
+            event_delay=self["event-delay"],
         )
 
 

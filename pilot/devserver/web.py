@@ -6,8 +6,9 @@ Paths:
   both generations (``pilot.devserver.handlers``), with the real server's 403/500
   text replies for refused or broken requests;
 * ``/cache/schedconfig/<queue>.all.json``: queuedata of the configured queues;
-* ``/dev/...``: JSON API to submit and inspect jobs, set pilot commands and debug
-  mode.  It needs the production role (or plain-HTTP mode), like an operator;
+* ``/dev/...``: JSON API to submit and inspect jobs (``/dev/jobs/<id>/events``: an
+  event-service job's ranges, archives and range reports), set pilot commands and
+  debug mode.  It needs the production role (or plain-HTTP mode), like an operator;
 * anything else: 404, as Apache answers outside the server's script aliases.
 
 Every request is kept in a bounded in-memory ``RequestLog`` with the exact bytes
@@ -34,6 +35,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from pilot.devserver import protocol
 from pilot.devserver.auth import Authenticator, Identity, TokenAuthenticationFailed, peer_chain
 from pilot.devserver.dispatcher import Dispatcher
+from pilot.devserver.events import EventStore
 from pilot.devserver.files import file_reply, request_counts
 from pilot.devserver.handlers import PilotAPI
 from pilot.devserver.jobdef import JobDefinitionError
@@ -139,11 +141,13 @@ class DevServerResource(Resource):
         request_log: RequestLog,
         clock: IReactorTime,
         files: Path | None = None,
+        events: EventStore | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._files = files
         self._api = api
         self._dispatcher = dispatcher
+        self._events = events
         self._auth = authenticator
         self._queues = queues
         self.request_log = request_log
@@ -332,6 +336,9 @@ class DevServerResource(Resource):
         if not rest and method == "GET":
             view = await self._dispatcher.job_view(panda_id)
             return _json_reply(200, view) if view is not None else _unknown(panda_id)
+        if rest == ["events"] and method == "GET" and self._events is not None:
+            events = await self._events.job_events(panda_id)
+            return _json_reply(200, events) if events is not None else _unknown(panda_id)
         if rest == ["command"] and method == "POST":
             command = _json_object(body).get("command")
             if command is not None and not isinstance(command, str):
@@ -348,7 +355,8 @@ class DevServerResource(Resource):
                 raise JobDefinitionError("debug must be true or false")
             found = await self._dispatcher.set_debug(panda_id, debug)
             return _json_reply(200, {"PandaID": panda_id, "debug": debug}) if found else _unknown(panda_id)
-        return _json_reply(405 if rest in ([], ["command"], ["debug"]) else 404, {"error": "not supported"})
+        known: tuple[list[str], ...] = ([], ["command"], ["debug"], ["events"])
+        return _json_reply(405 if rest in known else 404, {"error": "not supported"})
 
 
 #: Failures the real server produces from bad requests: logged without a traceback.
