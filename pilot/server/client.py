@@ -32,6 +32,7 @@ import json
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from pilot.logs import pilot_observer
+from pilot.server import event_calls
 from pilot.server.api import ApiMode
 from pilot.server.body import API_REPLY_LIMIT, DOCUMENT_LIMIT, read_body, stream_to_file
 from pilot.server.connection import ServerConnection
@@ -55,6 +57,7 @@ from pilot.server.errors import (
     ServerRefused,
     ServerUnavailable,
 )
+from pilot.server.events import EventRangeRequest, EventRangeUpdate, EventUpdateResult, RangeStatus
 from pilot.server.messages import (
     AcquireResult,
     JobRequest,
@@ -115,6 +118,9 @@ __all__ = [
 ]
 
 log = Logger(observer=pilot_observer)
+
+#: Sees an error status and its body before the retry policy does (may raise instead).
+ErrorStatusCheck = Callable[[ApiMode, int, bytes, str], None]
 
 #: Attempts for reports nothing depends on (worker node, GPUs) unless a policy is given.
 _REPORT_ATTEMPTS = 2
@@ -230,6 +236,63 @@ class PandaClient:
         """Report one GPU model of the worker node (``/api/v1/pilot/update_worker_node_gpu``, v1 only)."""
         return await self._v1_report("pilot/update_worker_node_gpu", fields, retry, timeout)
 
+    # Event service (``pilot.server.event_calls``).  None of these calls is idempotent: a
+    # lost reply may have handed out ranges or recorded statuses, so, as for acquire_job,
+    # only failures that prove the server never saw the request are retried.
+
+    async def acquire_event_ranges(
+        self, request: EventRangeRequest, *, retry: RetryPolicy | None = None, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Up to ``request.n_ranges`` range objects, as sent ([] when the job has no more)."""
+        document, api, url = await self._call(
+            event_calls.ACQUIRE,
+            lambda a: event_calls.encode_acquire(request, a),
+            retry,
+            timeout,
+            idempotent=False,
+        )
+        return event_calls.parse_acquire_reply(document, api, url)
+
+    async def update_event_ranges(
+        self, update: EventRangeUpdate, *, retry: RetryPolicy | None = None, timeout: float | None = None
+    ) -> EventUpdateResult:
+        """Report ``update`` in one call (``updateEventRanges`` / ``update_event_ranges``).
+
+        On a v1 server an HTTP 500 is never repeated: panda-server 1.0.4 sends one after
+        committing every report, raised here as ``event_calls.CommittedThenFailed``.
+        """
+        document, api, url = await self._call(
+            event_calls.UPDATE,
+            lambda a: event_calls.encode_update(update, a),
+            retry,
+            timeout,
+            idempotent=False,
+            error_status=event_calls.check_update_status,
+        )
+        return event_calls.parse_update_reply(document, api, update, url)
+
+    async def update_single_event_range(
+        self,
+        status: RangeStatus,
+        panda_id: int,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> EventUpdateResult:
+        """Report one range of job ``panda_id`` (``updateEventRange`` / ``update_single_event_range``).
+
+        ``accepted`` holds True (recorded), None (a status the server does not record) or
+        False (refused); the command is the job's, if the reply carries one.
+        """
+        document, api, url = await self._call(
+            event_calls.UPDATE_SINGLE,
+            lambda a: event_calls.encode_single(status, a),
+            retry,
+            timeout,
+            idempotent=False,
+        )
+        return event_calls.parse_single_reply(document, api, status, panda_id, url)
+
     async def get_bytes(
         self,
         url: str,
@@ -326,14 +389,22 @@ class PandaClient:
                 headers.setRawHeaders(name, values)
         return headers
 
-    async def _check(self, response: IResponse, url: str) -> None:
-        """Raise for an error status, having read (a bounded part of) its body to classify it."""
+    async def _check(
+        self, response: IResponse, url: str, error_status: Callable[[int, bytes, str], None] | None = None
+    ) -> None:
+        """Raise for an error status, having read (a bounded part of) its body to classify it.
+
+        ``error_status`` sees it first, for calls whose error statuses mean more than the
+        transport knows (1.0.4's HTTP 500 after committing a range report).
+        """
         if 200 <= response.code < 300:
             return
         try:
             body = await read_body(response, _ERROR_BODY_LIMIT, url)
         except ReplyTooLarge:
             body = b""  # classified by its status alone
+        if error_status is not None:
+            error_status(response.code, body, url)
         check_status(response, body, url)
 
     async def _call(
@@ -344,10 +415,13 @@ class PandaClient:
         timeout: float | None,
         *,
         idempotent: bool = True,
+        error_status: ErrorStatusCheck | None = None,
     ) -> tuple[dict[str, Any], ApiMode, str]:
         api = self._api
         try:
-            document, url = await self._post(methods, params(api), api, retry, timeout, idempotent)
+            document, url = await self._post(
+                methods, params(api), api, retry, timeout, idempotent, error_status
+            )
             return document, api, url
         except MethodNotFound:
             if not (self._auto and api is ApiMode.V1):
@@ -359,7 +433,7 @@ class PandaClient:
         )
         self._api = ApiMode.LEGACY
         document, url = await self._post(
-            methods, params(ApiMode.LEGACY), ApiMode.LEGACY, retry, timeout, idempotent
+            methods, params(ApiMode.LEGACY), ApiMode.LEGACY, retry, timeout, idempotent, error_status
         )
         return document, ApiMode.LEGACY, url
 
@@ -385,13 +459,15 @@ class PandaClient:
         retry: RetryPolicy | None,
         timeout: float | None,
         idempotent: bool,
+        error_status: ErrorStatusCheck | None = None,
     ) -> tuple[dict[str, Any], str]:
         url = self._url(methods, api)
         body = gzip_bytes(json.dumps(params).encode("utf-8"))
+        check = partial(error_status, api) if error_status is not None else None
 
         async def attempt() -> dict[str, Any]:
             response = await self._http.post(url, data=body, headers=self._headers(api))
-            await self._check(response, url)
+            await self._check(response, url, check)
             content = await read_body(response, self.reply_limit, url)
             return decode_reply(content, content_type(response), url)
 
