@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogEvent, globalLogPublisher
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface.verify import verifyObject
@@ -31,6 +32,7 @@ from zope.interface.verify import verifyObject
 from pilot.devserver.event_api import EventAPI
 from pilot.devserver.events import EventStore
 from pilot.devserver.server import DevServer, start_dev_server
+from pilot.devserver.tap import Options
 from pilot.eventservice.ranges import parse_event_ranges
 from pilot.interfaces import IEventSource
 from pilot.model.credentials import Credentials
@@ -600,6 +602,14 @@ class DevServerEventTests(ServerCase):
         started = reactor.seconds()
         await self.ranges(client, panda_id, 1)
         self.assertGreaterEqual(reactor.seconds() - started, 0.2)
+
+
+class OptionTests(SynchronousTestCase):
+    def test_event_delay_option(self) -> None:
+        options = Options()
+        options.parseOptions(["--event-delay", "0.2"])
+        self.assertEqual(options.config().event_delay, 0.2)
+        self.assertRaises(UsageError, Options().parseOptions, ["--event-delay", "-1"])
 
 
 class _NoStore:

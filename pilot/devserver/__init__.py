@@ -11,6 +11,7 @@ Modules: ``pki`` (test CA, host/user certificates, RFC 3820 proxy), ``protocol``
 (TLS and identities), ``jobdef`` (job definitions), ``store`` (SQLite), ``dispatcher``
 (job logic), ``updates`` (``updateJobStatus`` decisions), ``columns`` (column
 widths and how the database refuses a wider value), ``adder`` (the Adder daemon),
-``handlers`` (the API methods), ``queues`` (queuedata), ``web`` (HTTP), ``server``
+``events``/``eventreports`` (event-service ranges and their reports), ``handlers`` and
+``event_api`` (the API methods), ``queues`` (queuedata), ``web`` (HTTP), ``server``
 (start/stop), ``tap`` (twistd).
 """
