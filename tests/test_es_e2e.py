@@ -15,6 +15,7 @@ the server's view of every range and every archive and the objects in the store:
 from __future__ import annotations
 
 import io
+import json
 import signal
 import sys
 import tarfile
@@ -56,7 +57,9 @@ def adler(data: bytes) -> str:
     return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
 
 
-class EventServiceEndToEndTests(TestCase):
+class EventServiceSite(TestCase):
+    """The site: input storage, an S3 object store for ES archives, the dev server."""
+
     timeout = 240
 
     async def setUp(self) -> None:  # type: ignore[override]  # trial awaits it
@@ -195,6 +198,14 @@ class EventServiceEndToEndTests(TestCase):
                 self.assertIn(item["eventRangeID"], archived, "finished without an archive")
         return view
 
+    def assert_every_range_given_to_the_job_reported_once(self, view: dict[str, Any]) -> None:
+        for item in view["ranges"]:
+            if item["PandaID"] is not None:
+                self.assertIn(item["status"], ("finished", "failed"), item)
+                self.assertEqual(sum(item["reported"].values()), 1, item)
+
+
+class EventServiceEndToEndTests(EventServiceSite):
     async def test_thousand_ranges_four_workers_each_reported_once(self) -> None:
         (panda_id,) = await self.server.submit(self.job(1000))
         service = self.pilot()
@@ -230,12 +241,6 @@ class EventServiceEndToEndTests(TestCase):
         self.assertEqual(es["ranges_finished"], 4 * 59)
         self.assertGreaterEqual(es["ranges_failed"], 4, "the ranges in the crashed workers' hands")
 
-    def assert_every_range_given_to_the_job_reported_once(self, view: dict[str, Any]) -> None:
-        for item in view["ranges"]:
-            if item["PandaID"] is not None:
-                self.assertIn(item["status"], ("finished", "failed"), item)
-                self.assertEqual(sum(item["reported"].values()), 1, item)
-
     async def test_pilot_sigterm_mid_job(self) -> None:
         (panda_id,) = await self.server.submit(self.job(1000, "--event-seconds 0.005"))
         service = self.pilot(batch=25)
@@ -253,3 +258,60 @@ class EventServiceEndToEndTests(TestCase):
         self.assertGreater(finished, 0, "the archives stored before the signal were reported")
         self.assertLess(finished, 1000)
         self.assert_every_range_given_to_the_job_reported_once(view)
+
+
+class HyperParameterLoopTests(EventServiceSite):
+    """HPO jobs: pre-process → payload → post-process per point, points as event ranges."""
+
+    def hpo_job(self, points: int, preprocess: str) -> dict[str, Any]:
+        job = self.job(points)
+        job.update(
+            isHPO=True,
+            jobPars='-c \'cat "$PILOT_HPO_POINT" > "$PILOT_HPO_RESULT"; echo pass >> payload.passes\'',
+            preprocess=json.dumps({"command": "/bin/sh", "args": f"-c '{preprocess}'"}),
+            postprocess=json.dumps({"command": "/bin/sh", "args": "-c 'echo post >> post.passes'"}),
+        )
+        return job
+
+    async def run_hpo(self, points: int, preprocess: str) -> tuple[Any, Any, PilotService]:
+        (panda_id,) = await self.server.submit(self.hpo_job(points, preprocess))
+        service = self.pilot()
+        await run_to_end(service)
+        job: Any = await self.server.job(panda_id)
+        view = await self.check_archived_points(panda_id)
+        return job, view, service
+
+    async def check_archived_points(self, panda_id: int) -> Any:
+        """Each finished point's archive holds its result: here the point itself, as the payload copied it."""
+        view: Any = await self.server.events(panda_id)
+        objects = await self.stored_objects()
+        by_range = {r["eventRangeID"]: r for r in view["ranges"] if r["eventRangeID"]}
+        for archive in view["archives"]:
+            data = objects[rucio_path("transient", archive["lfn"]).lstrip("/")]
+            self.assertEqual(adler(data), archive["adler32"])
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                (member,) = tar.getmembers()
+                result = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+            (range_id,) = archive["eventRangeIDs"]
+            self.assertEqual(result["eventRangeID"], range_id)
+            self.assertEqual(result["startEvent"], by_range[range_id]["startEvent"])
+        return view
+
+    async def test_the_preprocess_ends_the_loop(self) -> None:
+        # the fourth pre-process exits 160: three points evaluated, the other two never fetched
+        count = "n=$(cat pre.passes 2>/dev/null || echo 0); n=$((n+1)); echo $n > pre.passes; [ $n -le 3 ] || exit 160"
+        job, view, service = await self.run_hpo(5, count)
+        summary = service.summaries[0]
+        self.assertEqual(job["jobStatus"], "finished", summary.pilot_error_diag)
+        self.assertEqual(view["counts"], {"finished": 3, "ready": 2})
+        self.assertEqual(len(view["archives"]), 3)
+        self.assertEqual(summary.event_service["hpo_points"], 3)
+        self.assertEqual([p.name for p in summary.processes].count("payload"), 3)
+        self.assertEqual([p.name for p in summary.processes].count("postprocess"), 3)
+
+    async def test_the_loop_ends_when_the_server_has_no_more_points(self) -> None:
+        job, view, service = await self.run_hpo(2, "true")
+        self.assertEqual(job["jobStatus"], "finished", service.summaries[0].pilot_error_diag)
+        self.assertEqual(view["counts"], {"finished": 2})
+        for item in view["ranges"]:
+            self.assertEqual(item["reported"], {"finished": 1})

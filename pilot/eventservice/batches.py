@@ -36,7 +36,7 @@ class StoredArchive:
     """Where an archive went: its remote URL and the object store's id (if the storage has one)."""
 
     url: str
-    objstore_id: int | None = None
+    objstore_id: int
 
 
 #: Stores an archive (local path, LFN, size, adler32): the staging engine's stage-out.

@@ -48,6 +48,15 @@ ES_SCOPE = "transient"
 ES_LOCAL_ARCHIVES = "es_archives"
 
 
+#: The ``objstoreID`` of archives kept in the work directory (no object store has id 0).
+LOCAL_OBJSTORE_ID = 0
+
+
+def _resource_id(storage: StorageData, endpoint: str) -> int | None:
+    found = storage.get(endpoint)
+    return found.resource_id if found is not None else None
+
+
 def _keep_locally(path: Path, directory: Path) -> None:
     directory.mkdir(mode=0o755, exist_ok=True)
     path.replace(directory / path.name)
@@ -243,17 +252,20 @@ class JobStaging:
         by_lfn = {t.lfn: t for t in transfers}
         return [replace(f, surl=by_lfn[f.lfn].remote_url, endpoint=_endpoint(by_lfn[f.lfn])) for f in files]
 
-    async def store_archive(self, path: Path, lfn: str, size: int, adler32: str) -> tuple[str, int | None]:
+    async def store_archive(self, path: Path, lfn: str, size: int, adler32: str) -> tuple[str, int]:
         """Store an event-service archive where the queue sends ES outputs; (URL, objstore id).
 
         ``es_events`` storage first, then ``es_failover``, then where ordinary outputs go,
-        with the queue's copytools, verified like every output.  A queue without stage-out
-        (a development queue) keeps the archive in ``es_archives/`` of the work directory.
+        with the queue's copytools, verified like every output.  Only storage with a
+        numeric id (CRIC's ``id``) can take an archive: the server records the archive by
+        that id (``objstoreID``, which the merge job resolves), and a report without it is
+        rolled back whole.  A queue without stage-out (a development queue) keeps the
+        archive in ``es_archives/`` of the work directory and reports id 0.
         """
         if not self.stage_out_configured:
             kept = self.workdir / ES_LOCAL_ARCHIVES
             await self._in_thread(_keep_locally, path, kept)
-            return (kept / path.name).as_uri(), None
+            return (kept / path.name).as_uri(), LOCAL_OBJSTORE_ID
         from pilot.staging.plan import plan_stage_out
 
         spec = OutputFile(lfn=lfn, scope=ES_SCOPE)
@@ -265,13 +277,23 @@ class JobStaging:
             self.setup.registry,
             activities=ES_ACTIVITIES,
         )
+        transfer = transfers[0]
+        storage = self.setup.storage
+        with_id = [a for a in transfer.attempts if _resource_id(storage, a.endpoint) is not None]
+        if not with_id:
+            names = sorted({a.endpoint for a in transfer.attempts})
+            raise PilotError(
+                ErrorCode.NOSTORAGE, f"no storage with a numeric id for event-service archives among {names}"
+            )
+        transfer.attempts[:] = with_id
         await self.engine.run(transfers)
         self._account(transfers, inbound=False)
-        transfer = transfers[0]
         if transfer.error is not None:
             raise transfer.error
-        endpoint = self.setup.storage.get(transfer.used.endpoint) if transfer.used is not None else None
-        return transfer.remote_url, endpoint.resource_id if endpoint is not None else None
+        assert transfer.used is not None
+        objstore_id = _resource_id(storage, transfer.used.endpoint)
+        assert objstore_id is not None
+        return transfer.remote_url, objstore_id
 
     def _specs(self) -> dict[str, OutputFile]:
         specs = {o.lfn: o for o in self.job.outputs}

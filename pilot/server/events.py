@@ -67,6 +67,7 @@ class ArchiveChunk:
     adler32: str
     num_events: int
     ranges: tuple[RangeStatus, ...]
+    #: The storage's numeric id; the server rolls a chunk without one back (with the report).
     objstore_id: int | None = None
     path_convention: int = PATH_CONVENTION
 
@@ -78,7 +79,7 @@ class ArchiveChunk:
             "numEvents": self.num_events,
             "pathConvention": self.path_convention,
         }
-        if self.objstore_id is not None:
+        if self.objstore_id is not None:  # the pilot always has one (see ``JobStaging.store_archive``)
             zip_file["objstoreID"] = self.objstore_id
         return {"zipFile": zip_file, "eventRanges": [r.wire() for r in self.ranges]}
 

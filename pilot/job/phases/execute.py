@@ -164,7 +164,8 @@ class ExecutePhase:
         """Run the pre-process; False when it ends an HPO loop (no payload, no error)."""
         outcome = await self._run_step(launcher, step, environ, ErrorCode.PREPROCESSFAILURE)
         if outcome.exit_code in HPO_LOOP_END:
-            self.ctx.advance(JobPhase.RUNNING)  # the job ran (its pre-process), nothing failed
+            if self.ctx.lifecycle.phase is not JobPhase.RUNNING:
+                self.ctx.advance(JobPhase.RUNNING)  # the job ran (its pre-process), nothing failed
             log.info(
                 "job {pandaid}: pre-process exit {code}: end of the HPO loop, no payload run",
                 pandaid=self.ctx.job.panda_id, code=outcome.exit_code, event="job.hpo_end",

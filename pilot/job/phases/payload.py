@@ -86,9 +86,10 @@ class PayloadRun:
             pid=pid,
             event="job.payload_start",
         )
-        state = ctx.advance(JobPhase.RUNNING)
-        if state is not None:
-            ctx.send_in_background(state)
+        if ctx.lifecycle.phase is not JobPhase.RUNNING:  # an HPO job runs its payload once per point
+            state = ctx.advance(JobPhase.RUNNING)
+            if state is not None:
+                ctx.send_in_background(state)
         co_process, co_record = await self._start_coprocess(process, record)
         for utility in self.utilities:
             if utility.spec.when == "with":
