@@ -25,6 +25,7 @@ import treq
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
+from pilot.demo_es import default_payload, run_es_demo
 from pilot.localrun import run_pilot, start_dev_server_process
 from pilot.model.credentials import Credentials
 from pilot.server.connection import ServerConnection
@@ -101,11 +102,26 @@ async def run_demo(reactor: Any, run_dir: Path, output: Callable[[str], None] = 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pilot.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="demo-run", help="directory for the run's files (replaced)")
+    parser.add_argument(
+        "--eventservice",
+        action="store_true",
+        help="run one event-service job (400 ranges, 4 workers) instead",
+    )
+    parser.add_argument("--es-payload", help="the ES payload (default: tests/es_payload.py of the checkout)")
     args = parser.parse_args(argv)
     run_dir = Path(args.dir).resolve()
+    payload = Path(args.es_payload).resolve() if args.es_payload else default_payload()
+    if args.eventservice and (payload is None or not payload.is_file()):
+        parser.error("--eventservice needs the reference ES payload: give --es-payload tests/es_payload.py")
 
     async def body(reactor: Any) -> None:
-        code = await run_demo(reactor, run_dir)
+        if args.eventservice:
+            assert payload is not None
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            code = await run_es_demo(reactor, run_dir, payload, _stdout)
+        else:
+            code = await run_demo(reactor, run_dir)
         if code:
             raise SystemExit(code)
 

@@ -12,6 +12,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from pilot.demo import run_demo
+from pilot.demo_es import default_payload, run_es_demo
 from pilot.localrun import child_environment
 
 reactor: Any = _reactor
@@ -30,6 +31,23 @@ class DemoTests(TestCase):
         rows = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
         self.assertEqual([row[1:3] for row in rows], [["finished", "finished"]] * 3)
         self.assertTrue((run_dir / "pilot" / "pilotlog.json").stat().st_size > 0)
+
+
+class EventServiceDemoTests(TestCase):
+    timeout = 120
+
+    async def test_demo_runs_an_event_service_job(self) -> None:
+        lines: list[str] = []
+        run_dir = Path(self.mktemp()).absolute()
+        run_dir.mkdir(parents=True)
+        payload = default_payload()
+        assert payload is not None, "the checkout's tests/es_payload.py"
+        code = await run_es_demo(reactor, run_dir, payload, lines.append)
+        text = "\n".join(lines)
+        self.assertEqual(code, 0, text + (run_dir / "pilot.log").read_text()[-3000:])
+        fields = {line.split()[0]: line.split()[1] for line in lines if line.startswith("  ranges_")}
+        self.assertEqual(fields, {"ranges_received": "400", "ranges_finished": "400", "ranges_failed": "0"})
+        self.assertEqual(len(list((run_dir / "OS_ES").rglob("EventService_premerge_*.tar"))), 4)
 
 
 class TwistdPluginTests(TestCase):

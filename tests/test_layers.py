@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (6, ("pilot.source",)),
     (7, ("pilot.job",)),
     (8, ("pilot.service",)),
-    (9, ("pilot.options", "pilot.tap", "pilot.demo", "pilot.localrun")),
+    (9, ("pilot.options", "pilot.tap", "pilot.demo", "pilot.demo_es", "pilot.localrun")),
 )
 DEVSERVER = "pilot.devserver"
 #: What the development server may use of the pilot: the bottom layer only.
