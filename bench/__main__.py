@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("overhead", "pilotcost", "reactorlag", "staging", "monitoring", "redaction")
+BENCHMARKS = ("overhead", "pilotcost", "reactorlag", "staging", "monitoring", "redaction", "eventservice")
 
 
 def main(argv: list[str]) -> int:

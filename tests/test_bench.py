@@ -52,3 +52,22 @@ class MonitoringBenchSmokeTests(TestCase):
         # below a core: a busy loop or a monitor run amok would show here.
         for key in ("pilot_cpu_fraction_percent", "normal_cpu_fraction_percent"):
             self.assertTrue(0 <= results[key] < 25, (key, results[key]))
+
+
+class EventServiceBenchSmokeTests(TestCase):
+    timeout = 180
+
+    async def test_small_run_reports_every_measure(self) -> None:
+        from bench import eventservice
+
+        run_dir = Path(self.mktemp()).absolute() / "eventservice"
+        args = argparse.Namespace(
+            ranges=300, seconds=0.0, delay=0.05, payload=None, dir=str(run_dir), check_targets=False
+        )
+        await eventservice.main_async(reactor, args)
+        results = json.loads((run_dir.parent / "eventservice.json").read_text())
+        self.assertEqual(results["ranges_finished"], 300)
+        self.assertEqual(results["workers"], 4)
+        for key in ("ranges_per_s", "raw_ranges_per_s", "ratio_vs_raw"):
+            self.assertGreater(results[key], 0, key)
+        self.assertGreaterEqual(results["payload_wait_pct"], 0)
