@@ -34,6 +34,7 @@ from pilot.config import EventServiceOptions
 from pilot.devserver.server import DevServer, start_dev_server
 from pilot.errorcodes import ErrorCode
 from pilot.job.staging import StagingSetup
+from pilot.server.api import ApiMode
 from pilot.service import PilotService
 from pilot.staging.credentials import Credentials as StagingCredentials
 from pilot.staging.storage import StorageData
@@ -128,7 +129,7 @@ class EventServiceSite(TestCase):
             "esRanges": {"count": ranges},
         }
 
-    def pilot(self, batch: int = 100) -> PilotService:
+    def pilot(self, batch: int = 100, **settings: Any) -> PilotService:
         keys = {"AWS_ACCESS_KEY_ID": self.moto.access_key, "AWS_SECRET_ACCESS_KEY": self.moto.secret_key}
         pilot_dir = self.base / "pilot"
         return pilot_service(
@@ -143,6 +144,7 @@ class EventServiceSite(TestCase):
             ),
             getjob_requests=1,
             event_service=EventServiceOptions(batch_ranges=batch),
+            **settings,
         )
 
     async def stored_objects(self) -> dict[str, bytes]:
@@ -258,6 +260,35 @@ class EventServiceEndToEndTests(EventServiceSite):
         self.assertGreater(finished, 0, "the archives stored before the signal were reported")
         self.assertLess(finished, 1000)
         self.assert_every_range_given_to_the_job_reported_once(view)
+
+    async def softkill_mid_job(self, **settings: Any) -> None:
+        """A softkill mid-job: the workers get "No more events", finish what they hold, and
+        the job ends finished with what was done."""
+        (panda_id,) = await self.server.submit(self.job(1000, "--event-seconds 0.01"))
+        service = self.pilot(batch=25, **settings)
+        stored = log_event(lambda e: e.get("event") == "es.archive_stored", timeout=60)
+        service.startService()
+        await stored
+        await self.server.set_command(panda_id, "softkill")
+        await service.when_finished()
+        await service.stopService()
+        summary = service.summaries[0]
+        job: Any = await self.server.job(panda_id)
+        self.assertEqual(job["jobStatus"], "finished", summary.pilot_error_diag)
+        self.assertIn("softkill", summary.commands)
+        view = await self.check_no_finished_range_without_its_output(panda_id)
+        self.assert_every_range_given_to_the_job_reported_once(view)
+        finished = view["counts"].get("finished", 0)
+        self.assertTrue(0 < finished < 1000, view["counts"])
+        self.assertEqual(summary.event_service["ranges_finished"], finished)
+
+    async def test_softkill_in_a_range_report_reply(self) -> None:
+        # the legacy updateEventRanges answers with the job's command
+        await self.softkill_mid_job(api=ApiMode.LEGACY)
+
+    async def test_softkill_in_a_heartbeat_reply(self) -> None:
+        # v1's update_event_ranges answers 500 (1.0.4), so commands come with heartbeats
+        await self.softkill_mid_job(api=ApiMode.V1, heartbeat_period=0.3)
 
 
 class HyperParameterLoopTests(EventServiceSite):
