@@ -261,6 +261,22 @@ class EventServiceEndToEndTests(EventServiceSite):
         self.assertLess(finished, 1000)
         self.assert_every_range_given_to_the_job_reported_once(view)
 
+    async def test_end_of_the_pilots_lifetime_mid_job(self) -> None:
+        # the job is stopped lifetime_margin before the pilot's lifetime ends: what finished
+        # is stored and reported, the rest failed, nothing twice, nothing without its output
+        from pilot.service import jobloop
+
+        self.patch(jobloop, "MIN_REMAINING_FOR_JOB", 0.5)  # a job request with 1.5 s left
+        (panda_id,) = await self.server.submit(self.job(1000, "--event-seconds 0.01"))
+        service = self.pilot(batch=25, lifetime=4.0, lifetime_margin=2.5)
+        await run_to_end(service)
+        job: Any = await self.server.job(panda_id)
+        self.assertEqual(job["jobStatus"], "failed")
+        view = await self.check_no_finished_range_without_its_output(panda_id)
+        self.assert_every_range_given_to_the_job_reported_once(view)
+        finished = view["counts"].get("finished", 0)
+        self.assertTrue(0 < finished < 1000, view["counts"])
+
     async def softkill_mid_job(self, **settings: Any) -> None:
         """A softkill mid-job: the workers get "No more events", finish what they hold, and
         the job ends finished with what was done."""
