@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -34,11 +34,8 @@ from pilot.eventservice.batches import StoredArchive
 from pilot.eventservice.channel import UNIX_PATH_MAX, RangeChannel
 from pilot.eventservice.engine import EventJob, EventService, EventServiceSettings
 from pilot.job.context import JobContext
-from pilot.job.launcher import ProcessLauncher
 from pilot.job.phases.payload import PayloadRun
 from pilot.logs import pilot_observer
-from pilot.model.documents import Step
-from pilot.process.utility import Utility
 from pilot.server.messages import StatusCode, UpdateResult
 
 log = Logger(observer=pilot_observer)
@@ -87,49 +84,50 @@ def settings_for(ctx: JobContext) -> EventServiceSettings:
     )
 
 
-class EventServicePayload:
-    """See the module docstring."""
+def event_service_for(
+    ctx: JobContext,
+    settings: EventServiceSettings,
+    kind: str,
+    *,
+    on_command: Callable[[str], None] = lambda command: None,
+) -> EventService:
+    """The job's ``EventService``: ranges from the pilot's event source, archives stored by the job."""
+    env, job, staging = ctx.env, ctx.job, ctx.staging
+    assert ctx.workdir is not None and staging is not None  # made by the setup phase
+    source = env.event_source
+    if source is None:
+        raise PilotError(ErrorCode.ESFATAL, f"this pilot's job source cannot serve an {kind} job")
+    if job.jobset_id is None:
+        raise PilotError(ErrorCode.ESFATAL, f"an {kind} job without a jobsetID")
 
-    def __init__(
-        self,
-        ctx: JobContext,
-        launcher: ProcessLauncher,
-        command: str,
-        environ: Mapping[str, str],
-        coprocess: Step | None,
-        utilities: list[Utility],
-    ) -> None:
-        self.ctx = ctx
-        self.launcher = launcher
-        self.command = command
-        self.environ = environ
-        self.coprocess = coprocess
-        self.utilities = utilities
+    async def store(path: Path, lfn: str, size: int, adler32: str) -> StoredArchive:
+        url, objstore_id = await staging.store_archive(path, lfn, size, adler32)
+        return StoredArchive(url, objstore_id)
+
+    return EventService(
+        env.clock,
+        env.in_thread,
+        ctx.workdir,
+        source,
+        store,
+        EventJob(job.panda_id, job.jobset_id, job.task_id, job.core_count),
+        settings,
+        on_command=on_command,
+    )
+
+
+def drain_deadline(ctx: JobContext) -> float:
+    """When the last archives and reports must be done: leaves room for the final update."""
+    now = ctx.env.clock.seconds()
+    return now + max(0.0, (ctx.deadline() - now) * DRAIN_SHARE)
+
+
+class EventServicePayload(PayloadRun):
+    """A ``PayloadRun`` fed event ranges (see the module docstring)."""
 
     async def run(self) -> None:
-        ctx, env, job = self.ctx, self.ctx.env, self.ctx.job
-        assert ctx.workdir is not None and ctx.staging is not None
-        source = env.event_source
-        if source is None:
-            raise PilotError(ErrorCode.ESFATAL, "this pilot's job source cannot serve event ranges")
-        if job.jobset_id is None:
-            raise PilotError(ErrorCode.ESFATAL, "an event-service job without a jobsetID")
-        staging = ctx.staging
-
-        async def store(path: Path, lfn: str, size: int, adler32: str) -> StoredArchive:
-            url, objstore_id = await staging.store_archive(path, lfn, size, adler32)
-            return StoredArchive(url, objstore_id)
-
-        service = EventService(
-            env.clock,
-            env.in_thread,
-            ctx.workdir,
-            source,
-            store,
-            EventJob(job.panda_id, job.jobset_id, job.task_id, job.core_count),
-            settings_for(ctx),
-            on_command=self._command,
-        )
+        ctx, env = self.ctx, self.ctx.env
+        service = event_service_for(ctx, settings_for(ctx), "event-service", on_command=self._command)
         directory = await env.in_thread(channel_directory)
         path = directory / "ranges"
         channel = RangeChannel(cast(IReactorUNIX, env.spawner), path, service)
@@ -140,10 +138,9 @@ class EventServicePayload:
             await channel.listen()
             try:
                 await ctx.control.guard(service.start())
-                environ = {**self.environ, CHANNEL_WORD: str(path)}
-                command = with_channel(self.command, str(path))
-                payload = PayloadRun(ctx, self.launcher, command, environ, self.coprocess, self.utilities)
-                await payload.run()
+                self.environ = {**self.environ, CHANNEL_WORD: str(path)}
+                self.command = with_channel(self.command, str(path))
+                await super().run()
             finally:
                 await self._finish(service)
         finally:
@@ -158,10 +155,8 @@ class EventServicePayload:
 
     async def _finish(self, service: EventService) -> None:
         ctx = self.ctx
-        now = ctx.env.clock.seconds()
-        deadline = now + max(0.0, (ctx.deadline() - now) * DRAIN_SHARE)
         reason = "the job was aborted" if ctx.control.aborted else "the payload ended"
-        await service.finish(deadline, reason)
+        await service.finish(drain_deadline(ctx), reason)
         ctx.n_events = service.events_stored
 
     def _command(self, command: str) -> None:

@@ -22,12 +22,11 @@ from twisted.logger import Logger
 
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.eventservice.batches import StoredArchive
 from pilot.eventservice.channel import Ranges
-from pilot.eventservice.engine import EventJob, EventService, EventServiceSettings
+from pilot.eventservice.engine import EventService, EventServiceSettings
 from pilot.eventservice.messages import RangeDone, RangeFailed
 from pilot.job.context import JobContext
-from pilot.job.phases.events import DRAIN_SHARE
+from pilot.job.phases.events import drain_deadline, event_service_for
 from pilot.logs import pilot_observer
 from pilot.util.files import write_text_atomically
 
@@ -70,35 +69,15 @@ class HpoLoop:
         self.points = 0
 
     async def run(self) -> None:
-        ctx, env, job = self.ctx, self.ctx.env, self.ctx.job
-        assert ctx.workdir is not None and ctx.staging is not None
-        source = env.event_source
-        if source is None:
-            raise PilotError(ErrorCode.ESFATAL, "this pilot's job source cannot serve HPO points")
-        if job.jobset_id is None:
-            raise PilotError(ErrorCode.ESFATAL, "an HPO job without a jobsetID")
-        staging, workdir = ctx.staging, ctx.workdir
-
-        async def store(path: Path, lfn: str, size: int, adler32: str) -> StoredArchive:
-            url, objstore_id = await staging.store_archive(path, lfn, size, adler32)
-            return StoredArchive(url, objstore_id)
-
-        service = EventService(
-            env.clock,
-            env.in_thread,
-            workdir,
-            source,
-            store,
-            EventJob(job.panda_id, job.jobset_id, job.task_id, job.core_count),
-            HPO_SETTINGS,
-        )
+        ctx = self.ctx
+        assert ctx.workdir is not None
+        workdir = ctx.workdir
+        service = event_service_for(ctx, HPO_SETTINGS, "HPO")
         try:
             await self._loop(service, workdir)
         finally:
-            now = env.clock.seconds()
-            deadline = now + max(0.0, (ctx.deadline() - now) * DRAIN_SHARE)
             await service.finish(
-                deadline, "the job was aborted" if ctx.control.aborted else "the HPO loop ended"
+                drain_deadline(ctx), "the job was aborted" if ctx.control.aborted else "the HPO loop ended"
             )
             ctx.n_events = service.events_stored
             ctx.summary.event_service = {**service.summary(), "hpo_points": self.points}
