@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.eventservice.reporting import RangeReporter
 from pilot.server.errors import ServerError
-from pilot.server.events import ArchiveChunk, RangeStatus
+from pilot.server.events import ArchiveChunk, EventUpdateResult, RangesNotRecorded, RangeStatus
 from tests.test_es_engine import MemorySource
 
 
@@ -136,6 +136,62 @@ class ResendTests(ReporterCase):
         self.source.answer(command="tobekilled", how="single")
         self.assertEqual(self.commands, ["tobekilled"])
         self.assertEqual(self.reporter.how, {"single": 1})
+
+
+class PartlyRecordedTests(ReporterCase):
+    """``RangesNotRecorded``: the settled ranges count once, only the others go again."""
+
+    def not_recorded(self, accepted: dict[str, bool | None], command: str | None = None) -> RangesNotRecorded:
+        return RangesNotRecorded(
+            "not all recorded", EventUpdateResult(accepted, command, "confirmed-after-500")
+        )
+
+    def test_only_the_unsettled_ranges_are_resent(self) -> None:
+        self.reporter.finished(chunk("one.tar", "a", "b", "c"))
+        self.reporter.finished(chunk("two.tar", "d"))  # queued behind the report in flight
+        self.source.fail_update(self.not_recorded({"b": True, "c": False}, command="softkill"))
+        self.assertEqual(
+            (self.reporter.reported_finished, self.reporter.refused, self.reporter.pending), (1, 1, 2)
+        )
+        self.assertEqual((self.commands, self.reporter.how), (["softkill"], {"confirmed-after-500": 1}))
+        self.clock.advance(1.9)
+        self.assertEqual(len(self.sent()), 1)
+        self.clock.advance(0.1)  # the resend waits the delay, as after any failure
+        self.assertEqual(self.sent()[-1], ("a", "d"))
+        self.assertEqual([c.lfn for c in self.source.updates[-1].chunks], ["one.tar", "two.tar"])
+        self.source.answer()
+        self.assertEqual((self.reporter.reported_finished, self.reporter.pending), (3, 0))
+        self.assertEqual((self.reporter.calls, self.reporter.failed_calls), (2, 1))
+        self.assertEqual([rid for rid, _, _ in self.source.committed], ["a", "d"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_chunk_loses_only_its_settled_ranges(self) -> None:
+        self.reporter.finished(chunk("one.tar", "a", "b"))
+        self.reporter.failed(failed("x"))
+        self.source.fail_update(self.not_recorded({"a": True}))
+        self.clock.advance(2)
+        self.assertEqual(self.sent()[-1], ("x",))  # failures first, as always
+        self.source.answer()
+        resent = self.source.updates[-1]
+        self.assertEqual((resent.range_ids, resent.chunks[0].lfn, resent.version), (("b",), "one.tar", 1))
+        self.source.answer()
+        self.assertEqual([rid for rid, _, _ in self.source.committed], ["x", "b"])
+        self.assertEqual((self.reporter.reported_finished, self.reporter.reported_failed), (2, 1))
+
+    def test_nothing_recorded_resends_all(self) -> None:
+        self.reporter.failed(failed("a", "b"))
+        self.source.fail_update(self.not_recorded({}))
+        self.clock.advance(2)
+        self.assertEqual(self.sent(), [("a", "b"), ("a", "b")])
+        self.assertEqual(self.reporter.how, {})
+
+    def test_after_stop_the_settled_count_and_the_rest_is_dropped(self) -> None:
+        self.reporter.failed(failed("a", "b"))
+        self.reporter.stop()
+        self.source.fail_update(self.not_recorded({"a": True}))
+        self.clock.advance(100)
+        self.assertEqual((self.sent(), self.reporter.reported_failed), ([("a", "b")], 1))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class FlushTests(ReporterCase):

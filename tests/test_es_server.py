@@ -20,13 +20,17 @@ import jsonschema
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from pilot.devserver.event_api import EventAPI
@@ -34,12 +38,14 @@ from pilot.devserver.events import EventStore
 from pilot.devserver.server import DevServer, start_dev_server
 from pilot.devserver.tap import Options
 from pilot.eventservice.ranges import parse_event_ranges
+from pilot.eventservice.reporting import RangeReporter
 from pilot.interfaces import IEventSource
 from pilot.model.credentials import Credentials
 from pilot.server import event_calls
 from pilot.server.api import ApiMode
 from pilot.server.client import (
     JobRequest,
+    MethodNotFound,
     PandaClient,
     ReplyTooLarge,
     RetryPolicy,
@@ -49,7 +55,13 @@ from pilot.server.client import (
     decode_reply,
 )
 from pilot.server.event_calls import CommittedThenFailed, EventCallFailed
-from pilot.server.events import ArchiveChunk, EventRangeRequest, EventRangeUpdate, RangeStatus
+from pilot.server.events import (
+    ArchiveChunk,
+    EventRangeRequest,
+    EventRangeUpdate,
+    RangesNotRecorded,
+    RangeStatus,
+)
 from pilot.server.tls import PilotTLSPolicy
 from pilot.source.panda import PandaServerSource
 
@@ -61,6 +73,7 @@ TASK, JOBSET = 4242, 77
 LFN, GUID, SCOPE = "EVNT.01234._000001.pool.root.1", "5f0d2c1e-0000-4000-8000-00000000abcd", "mc23_13p6TeV"
 INTERFACES = Path(__file__).parent.parent / "interfaces"
 NO_JITTER = RetryPolicy(attempts=3, initial=0.1, jitter=lambda: 0.0)
+STATUS_QUERY = "/api/v1/event/get_event_range_statuses"
 
 
 def schema(name: str) -> jsonschema.Draft202012Validator:
@@ -257,8 +270,9 @@ class _BothGenerations:
             self.assertEqual(results[0].accepted, {ids[0]: True, ids[1]: True})
         else:
             self.assertEqual([r.how for r in results], ["confirmed-after-500"] * 2)
-            self.assertEqual(results[0].accepted, {ids[0]: None, ids[1]: None})
+            self.assertEqual(results[0].accepted, {ids[0]: True, ids[1]: True})
             self.assertEqual(workarounds(logged), ["confirmed-after-500"])
+            self.assertEqual(len(server.request_log.matching(STATUS_QUERY)), 2)  # read back each time
         self.assertEqual(len(server.request_log.matching(_path(self.api, "bulk"))), 2)  # each sent once
         view: Any = await server.events(panda_id)
         self.assertEqual([r["reported"] for r in view["ranges"][:4]], [{"finished": 1}] * 4)
@@ -544,6 +558,220 @@ class V1EventTests(_BothGenerations, ServerCase):
         # the server handed them out all the same: the call is not repeated
         self.assertEqual((await server.events(panda_id))["counts"], {"sent": 100})
         self.assertEqual(len(server.request_log.matching("/api/v1/event/acquire_event_ranges")), 1)
+
+
+@implementer(IAgent)
+class RefusedStatusQueries:
+    """An agent whose first ``n`` status queries are refused at connect time (none reaches the server)."""
+
+    def __init__(self, agent: IAgent, n: int) -> None:
+        self._agent = agent
+        self.failing = n
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        if STATUS_QUERY.encode() in uri and self.failing > 0:
+            self.failing -= 1
+            return fail(ConnectionRefusedError("refused by the test"))
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+
+class ConfirmAfter500Tests(ServerCase):
+    """A version-1 report answered with 1.0.4's HTTP 500 is read back, not assumed committed.
+
+    The dev server answers the same 500 text whether it committed the report or rolled it
+    back; ``get_event_range_statuses`` tells which.  ``reported`` in the server's view counts
+    every item it received, so a report sent twice shows there.
+    """
+
+    def reporter(self, source: PandaServerSource, panda_id: int) -> RangeReporter:
+        return RangeReporter(reactor, source.update_event_ranges, panda_id, resend_delays=(0.1,))
+
+    async def test_a_committed_report_is_read_back_and_counted_once(self) -> None:
+        server = await self.start()
+        client = self.client(server)
+        panda_id = await self.dispatched(server, client)
+        ranges = await self.ranges(client, panda_id, 3)
+        reporter = self.reporter(PandaServerSource(client), panda_id)
+        reporter.finished(chunk(ranges))
+        await reporter.flush(reactor.seconds() + 30)
+        self.assertEqual(
+            (reporter.pending, reporter.reported_finished, reporter.refused, reporter.calls, reporter.how),
+            (0, 3, 0, 1, {"confirmed-after-500": 1}),
+        )
+        [report] = server.request_log.matching(_path(ApiMode.V1, "bulk"))
+        self.assertEqual((report.status, report.reply_body), (500, b"unhashable type: 'list'"))
+        [query] = server.request_log.matching(STATUS_QUERY)
+        self.assertEqual(query.method, "GET")
+        self.assertEqual(
+            json.loads(urllib.parse.parse_qs(query.uri.split("?", 1)[1])["job_task_ids"][0]),
+            [{"task_id": TASK, "panda_id": panda_id}],
+        )
+        view: Any = await server.events(panda_id)
+        self.assertEqual([r["reported"] for r in view["ranges"][:3]], [{"finished": 1}] * 3)
+        self.assertEqual(view["counts"], {"finished": 3, "ready": 2})
+
+    async def test_a_rolled_back_report_comes_back_and_a_correct_resend_finishes_it_once(self) -> None:
+        server = await self.start()
+        client = self.client(server)
+        source = PandaServerSource(client)
+        panda_id = await self.dispatched(server, client)
+        ranges = await self.ranges(client, panda_id, 2)
+        ids = [r["eventRangeID"] for r in ranges]
+        unstorable = EventRangeUpdate(panda_id, chunks=(chunk(ranges, objstore_id=None),))
+        error: Any = await self.assertFailure(source.update_event_ranges(unstorable), RangesNotRecorded)
+        self.assertEqual((error.settled.accepted, error.settled.how), ({}, "confirmed-after-500"))
+        # the same 500 as for a committed report
+        [report] = server.request_log.matching(_path(ApiMode.V1, "bulk"))
+        self.assertEqual((report.status, report.reply_body), (500, b"unhashable type: 'list'"))
+        view: Any = await server.events(panda_id)
+        self.assertEqual((view["counts"], view["archives"]), ({"sent": 2, "ready": 3}, []))
+        # the ranges come back; sent again right, they are finished once
+        result = await source.update_event_ranges(EventRangeUpdate(panda_id, chunks=(chunk(ranges),)))
+        self.assertEqual((result.accepted, result.how), ({i: True for i in ids}, "confirmed-after-500"))
+        view = await server.events(panda_id)
+        self.assertEqual(view["counts"], {"finished": 2, "ready": 3})
+        self.assertEqual([a["eventRangeIDs"] for a in view["archives"]], [ids])
+        applied = [u["eventRangeID"] for u in view["updates"] if u["outcome"] == "applied"]
+        self.assertEqual(applied, ids)
+        self.assertEqual(len(server.request_log.matching(STATUS_QUERY)), 2)
+
+    def refusing_client(self, server: DevServer, n: int) -> tuple[PandaClient, RefusedStatusQueries]:
+        credentials = Credentials(cacert=server.pki.ca_cert, proxy=server.pki.client_proxy)
+        pool = HTTPConnectionPool(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        agent = RefusedStatusQueries(Agent(reactor, contextFactory=PilotTLSPolicy(credentials), pool=pool), n)
+        client = PandaClient(HTTPClient(agent), server.url, reactor, api=ApiMode.V1, retry=NO_JITTER)
+        return client, agent
+
+    async def test_a_failed_read_back_is_resent_without_reporting_twice(self) -> None:
+        server = await self.start()
+        client, agent = self.refusing_client(server, NO_JITTER.attempts)  # the first query fails
+        panda_id = await self.dispatched(server, client)
+        ranges = await self.ranges(client, panda_id, 2)
+        reporter = self.reporter(PandaServerSource(client), panda_id)
+        reporter.finished(chunk(ranges))
+        await reporter.flush(reactor.seconds() + 30)
+        self.assertEqual(agent.failing, 0)
+        self.assertEqual(
+            (reporter.pending, reporter.reported_finished, reporter.calls, reporter.failed_calls),
+            (0, 2, 2, 1),
+        )
+        # the resend read the ranges back first: the report went to the server once
+        self.assertEqual(len(server.request_log.matching(_path(ApiMode.V1, "bulk"))), 1)
+        self.assertEqual(len(server.request_log.matching(STATUS_QUERY)), 1)
+        view: Any = await server.events(panda_id)
+        self.assertEqual([r["reported"] for r in view["ranges"][:2]], [{"finished": 1}] * 2)
+
+    async def test_only_the_unrecorded_ranges_go_again(self) -> None:
+        server = await self.start()
+        client, _agent = self.refusing_client(server, NO_JITTER.attempts)
+        source = PandaServerSource(client)
+        panda_id = await self.dispatched(server, client)
+        ranges = await self.ranges(client, panda_id, 3)
+        ids = [r["eventRangeID"] for r in ranges]
+        first = chunk(ranges[:1])
+        await self.assertFailure(
+            source.update_event_ranges(EventRangeUpdate(panda_id, chunks=(first,))), ServerUnavailable
+        )
+        # the doubtful range is read back (recorded); the new chunk is rolled back
+        unstorable = chunk(ranges[1:], lfn="EventService_premerge_2.tar", objstore_id=None)
+        both = EventRangeUpdate(panda_id, chunks=(first, unstorable))
+        error: Any = await self.assertFailure(source.update_event_ranges(both), RangesNotRecorded)
+        self.assertEqual(error.settled.accepted, {ids[0]: True})
+        self.assertEqual(
+            json.loads(sent(server.request_log.last(_path(ApiMode.V1, "bulk")).body, ApiMode.V1)["ranges"]),
+            [unstorable.wire()],
+        )  # the recorded range was not sent again
+        # what a RangeReporter sends again: the rest only
+        fixed = EventRangeUpdate(panda_id, chunks=(chunk(ranges[1:], lfn="EventService_premerge_2.tar"),))
+        result = await source.update_event_ranges(fixed)
+        self.assertEqual(result.accepted, {i: True for i in ids[1:]})
+        view: Any = await server.events(panda_id)
+        applied = [u["eventRangeID"] for u in view["updates"] if u["outcome"] == "applied"]
+        self.assertEqual(applied, ids)
+        self.assertEqual(view["counts"], {"finished": 3, "ready": 2})
+
+    async def test_status_query_of_the_client(self) -> None:
+        server = await self.start()
+        client = self.client(server)
+        panda_id = await self.dispatched(server, client)
+        first, second, third = (r["eventRangeID"] for r in await self.ranges(client, panda_id, 3))
+        await client.update_single_event_range(RangeStatus(first, "finished"), panda_id)
+        await client.update_single_event_range(RangeStatus(second, "fatal"), panda_id)
+        recorded = await client.get_event_range_statuses([(TASK, panda_id)])
+        fatal = second.rsplit("-", 1)[0] + "-1"
+        self.assertEqual(recorded, {first: "finished", fatal: "failed", third: "sent"})
+        self.assertEqual(await client.get_event_range_statuses([(TASK, 10**9)]), {})
+        legacy = self.client(server, ApiMode.LEGACY)
+        await self.assertFailure(
+            Deferred.fromCoroutine(legacy.get_event_range_statuses([(TASK, panda_id)])), MethodNotFound
+        )
+        self.assertEqual(len(server.request_log.matching(STATUS_QUERY)), 2)
+
+
+class RecordedTests(SynchronousTestCase):
+    """``event_calls.check_recorded``: reported statuses against the server's."""
+
+    def test_outcomes(self) -> None:
+        statuses = [
+            RangeStatus("1-2-3-1-10", "finished"),  # recorded
+            RangeStatus("1-2-3-2-10", "finished"),  # rolled back: still sent
+            RangeStatus("1-2-3-3-10", "finished"),  # the server holds another final status
+            RangeStatus("1-2-3-4-10", "finished"),  # not this job's
+            RangeStatus("1-2-3-5-10", "fatal"),  # listed as failed under attempt 1
+            RangeStatus("1-2-3-6-10", "fatal"),  # not recorded
+            RangeStatus("1-2-3-7-10", "running"),  # never recorded
+            RangeStatus("not-a-range", "finished"),
+        ]
+        recorded = {
+            "1-2-3-1-10": "finished",
+            "1-2-3-2-10": "sent",
+            "1-2-3-3-10": "failed",
+            "1-2-3-5-1": "failed",
+            "1-2-3-6-10": "running",
+            "1-2-3-7-10": "sent",
+        }
+        settled, unrecorded = event_calls.check_recorded(statuses, recorded)
+        self.assertEqual(
+            settled,
+            {"1-2-3-1-10": True, "1-2-3-3-10": False, "1-2-3-4-10": False, "1-2-3-5-10": True,
+             "1-2-3-7-10": None, "not-a-range": False},
+        )  # fmt: skip
+        self.assertEqual(unrecorded, ("1-2-3-2-10", "1-2-3-6-10"))
+
+    def test_range_job_and_query(self) -> None:
+        self.assertEqual(event_calls.range_job("4242-17-3-1-10"), (4242, 17))
+        for bad in ("4242-17-3-1", "a-17-3-1-10", "4242-17-3-1-１"):
+            self.assertIsNone(event_calls.range_job(bad))
+        self.assertEqual(
+            event_calls.encode_statuses([(4242, 17)]), {"job_task_ids": '[{"task_id":4242,"panda_id":17}]'}
+        )
+
+    def test_reply_shapes(self) -> None:
+        jobs = [(1, 2)]
+        ok = {"success": True, "message": "", "data": {"2": {"1-2-3-4-5": {"status": "finished"}}}}
+        self.assertEqual(event_calls.parse_statuses_reply(ok, jobs, "q"), {"1-2-3-4-5": "finished"})
+        shapes: list[object] = [{}, {"2": []}, {"2": {"1-2-3-4-5": {"status": 3}}}, [1]]
+        for data in shapes:
+            document = {"success": True, "message": "", "data": data}
+            self.assertRaises(ServerProtocolError, event_calls.parse_statuses_reply, document, jobs, "q")
+        refused = {"success": False, "message": "database error in the PanDA server", "data": None}
+        self.assertRaises(EventCallFailed, event_calls.parse_statuses_reply, refused, jobs, "q")
+
+    def test_only(self) -> None:
+        one, two = chunk([{"eventRangeID": "a"}, {"eventRangeID": "b"}]), chunk([{"eventRangeID": "c"}])
+        update = EventRangeUpdate(7, chunks=(one, two))
+        self.assertEqual(update.only(["b", "c"]).range_ids, ("b", "c"))
+        self.assertEqual(update.only(["c"]).chunks, (two,))
+        self.assertEqual(update.only(["a"]).chunks[0].lfn, one.lfn)
+        statuses = EventRangeUpdate(7, statuses=(RangeStatus("a", "failed"), RangeStatus("b", "failed")))
+        self.assertEqual(statuses.only(["b"]).statuses, (RangeStatus("b", "failed"),))
 
 
 class DevServerEventTests(ServerCase):

@@ -9,8 +9,10 @@ time, which keeps the order of the server's view the order of events.
 A report that failed in transport is sent again after a delay, on the clock, until
 ``flush``'s deadline: the source guarantees that a failed report was not committed
 (``IEventSource.update_event_ranges``), so resending cannot report a range twice.  A
-range the server refused (``False`` in its ``Returns``) is not sent again.  A command
-in the reply (``tobekilled``, ``softkill``) goes to ``on_command``.
+report the server took only in part (``RangesNotRecorded``) counts its settled ranges
+as for a reply, and only the others are sent again, after the same delay.  A range the
+server refused (``False`` in its ``Returns``) is not sent again.  A command in the
+reply (``tobekilled``, ``softkill``) goes to ``on_command``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from pilot.logs import pilot_observer
-from pilot.server.events import ArchiveChunk, EventRangeUpdate, EventUpdateResult, RangeStatus
+from pilot.server.events import (
+    ArchiveChunk,
+    EventRangeUpdate,
+    EventUpdateResult,
+    RangesNotRecorded,
+    RangeStatus,
+)
 
 log = Logger(observer=pilot_observer)
 
@@ -147,6 +155,11 @@ class RangeReporter:
     def _delivered(self, result: EventUpdateResult, update: EventRangeUpdate) -> None:
         self._busy = False
         self._failures = 0
+        self._settle(result, update)
+        self._kick()
+
+    def _settle(self, result: EventUpdateResult, update: EventRangeUpdate) -> None:
+        """Count ``update``'s ranges as acknowledged by ``result``, and pass its command on."""
         self.how[result.how] = self.how.get(result.how, 0) + 1
         refused = [i for i in update.range_ids if result.accepted.get(i) is False]
         if refused:
@@ -165,7 +178,6 @@ class RangeReporter:
         self._queued_ids.difference_update(update.range_ids)
         if result.command:
             self._on_command(result.command)
-        self._kick()
 
     def _not_delivered(self, failure: object, update: EventRangeUpdate) -> None:
         self._busy = False
@@ -174,6 +186,15 @@ class RangeReporter:
             self._queued_ids.difference_update(update.range_ids)
             self._wake()
             return
+        if isinstance(error, RangesNotRecorded):  # the settled ranges never go again
+            settled = [i for i in update.range_ids if i in error.settled.accepted]
+            if settled:
+                self._settle(error.settled, update.only(settled))
+            update = update.only([i for i in update.range_ids if i not in error.settled.accepted])
+            if not update.range_ids:
+                self._failures = 0
+                self._kick()
+                return
         self.failed_calls += 1
         self._failures += 1
         if self._stopped:  # the report in flight when the job ended: not sent again

@@ -29,8 +29,9 @@ importable from ``pilot.server.client``.
 from __future__ import annotations
 
 import json
+import urllib.parse
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -259,7 +260,8 @@ class PandaClient:
         """Report ``update`` in one call (``updateEventRanges`` / ``update_event_ranges``).
 
         On a v1 server an HTTP 500 is never repeated: panda-server 1.0.4 sends one after
-        committing every report, raised here as ``event_calls.CommittedThenFailed``.
+        every report, committed or rolled back, raised here as
+        ``event_calls.CommittedThenFailed`` (``get_event_range_statuses`` tells which).
         """
         document, api, url = await self._call(
             event_calls.UPDATE,
@@ -292,6 +294,29 @@ class PandaClient:
             idempotent=False,
         )
         return event_calls.parse_single_reply(document, api, status, panda_id, url)
+
+    async def get_event_range_statuses(
+        self,
+        jobs: Sequence[tuple[int, int]],
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, str]:
+        """The statuses the server holds for the ranges of ``jobs``, by range id (v1 only).
+
+        ``jobs`` are ``(jediTaskID, PandaID)`` pairs, a range id's first two fields.
+        ``GET /api/v1/event/get_event_range_statuses?job_task_ids=<JSON>`` (panda-server
+        1.0.4), a read, so repeated like any idempotent call; a fatal range is listed as
+        ``failed`` under attempt number 1.  Raises ``MethodNotFound`` at once on the
+        legacy API, which has no such method (nor needs one: its ``updateEventRanges``
+        answers reliably), and ``EventCallFailed`` when the server refuses the query.
+        """
+        url = self._url(("", event_calls.STATUSES), ApiMode.V1)
+        if self._api is ApiMode.LEGACY:
+            raise MethodNotFound(f"{event_calls.STATUSES}: the legacy API has no such method", 0)
+        query = urllib.parse.urlencode(event_calls.encode_statuses(jobs))
+        document = await self._get_json(url, query, retry, timeout)
+        return event_calls.parse_statuses_reply(document, jobs, url)
 
     async def get_bytes(
         self,
@@ -450,6 +475,21 @@ class PandaClient:
             (method.rsplit("/", 1)[-1], method), dict(fields), ApiMode.V1, policy, timeout, True
         )
         return parse_report_reply(document, url)
+
+    async def _get_json(
+        self, url: str, query: str, retry: RetryPolicy | None, timeout: float | None
+    ) -> dict[str, Any]:
+        """GET a v1 reply (``Accept: application/json``); ``url`` without the query names it."""
+        headers = self._get_headers(url)
+        headers.setRawHeaders(b"Accept", [b"application/json"])
+
+        async def attempt() -> dict[str, Any]:
+            response = await self._http.get(f"{url}?{query}", headers=headers)
+            await self._check(response, url)
+            content = await read_body(response, self.reply_limit, url)
+            return decode_reply(content, content_type(response), url)
+
+        return await with_retries(url, attempt, self._exchange(retry, timeout, True))
 
     async def _post(
         self,

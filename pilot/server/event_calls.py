@@ -15,7 +15,11 @@ Calls (``panda-server-protocol.md`` §7; panda-server 0.8.1 legacy, 1.0.4 v1):
   ``success`` true, or null for a non-final status, and ``data.Command`` as a JSON
   string.  ``object_store_id`` is never sent: 1.0.4 annotates it with the builtin
   ``id``, so any value breaks its type check.  The legacy ``updateEventRange`` answers
-  urlencoded, ``StatusCode=30`` for anything but a recorded final status.
+  urlencoded, ``StatusCode=30`` for anything but a recorded final status;
+* what was recorded: v1 ``GET event/get_event_range_statuses?job_task_ids=<JSON>`` (a
+  list of ``{"task_id", "panda_id"}``; a range id's first two fields) answers ``data``
+  = ``{"<PandaID>": {"<range id>": {"status", "error", "dialog"}}}``, a fatal range
+  listed as ``failed`` under attempt number 1.  The legacy API has no such call.
 
 panda-server 1.0.4's ``update_event_ranges`` commits the report and then fails to encode
 its reply (a Python set): HTTP 500 ``Type not serializable for {...} (<class 'set'>)``
@@ -23,7 +27,8 @@ its reply (a Python set): HTTP 500 ``Type not serializable for {...} (<class 'se
 that into ``CommittedThenFailed`` and any other HTTP 500 of that call into a refusal,
 so the transport never repeats it.  Beware: the same 500 comes whatever the database
 did, so it proves only that the server read the report (a version-1 chunk without
-``objstoreID`` is rolled back there, and answered the same way).
+``objstoreID`` is rolled back there, and answered the same way): the outcome is read
+back with ``get_event_range_statuses`` and matched by ``check_recorded``.
 
 Logical refusals (a ``StatusCode`` other than 0, ``success: false``) are
 ``EventCallFailed``; replies of the wrong shape are ``ServerProtocolError``.  No
@@ -51,6 +56,8 @@ log = Logger(observer=pilot_observer)
 ACQUIRE = ("getEventRanges", "event/acquire_event_ranges")
 UPDATE = ("updateEventRanges", "event/update_event_ranges")
 UPDATE_SINGLE = ("updateEventRange", "event/update_single_event_range")
+#: The v1 path of the status query (no legacy method).
+STATUSES = "event/get_event_range_statuses"
 
 #: What 1.0.4's ``update_event_ranges`` says in the HTTP 500 it sends after committing.
 POST_COMMIT_FAILURES = ("Type not serializable", "unhashable type")
@@ -79,9 +86,10 @@ class EventCallFailed(ServerError):
 
 
 class CommittedThenFailed(ServerRefused):
-    """1.0.4's ``update_event_ranges``: the report was read and committed, then the reply failed.
+    """1.0.4's ``update_event_ranges``: the report was read and processed, then the reply failed.
 
-    Never repeat the call: the ranges' statuses are in the database already.
+    Usually committed, but the same 500 comes after a rollback: never repeat the call
+    blindly, read the ranges back (``get_event_range_statuses``, ``check_recorded``).
     """
 
 
@@ -125,6 +133,60 @@ def encode_single(status: RangeStatus, api: ApiMode) -> dict[str, Any]:
     return params
 
 
+def encode_statuses(jobs: Sequence[tuple[int, int]]) -> dict[str, str]:
+    """The query of ``get_event_range_statuses`` for ``(jediTaskID, PandaID)`` pairs."""
+    pairs = [{"task_id": task_id, "panda_id": panda_id} for task_id, panda_id in jobs]
+    return {"job_task_ids": json.dumps(pairs, separators=(",", ":"))}
+
+
+def range_job(range_id: str) -> tuple[int, int] | None:
+    """``(jediTaskID, PandaID)`` of ``<jediTaskID>-<PandaID>-<fileID>-<processID>-<attemptNr>``.
+
+    None for an id of another form: the server refuses to record such a range.
+    """
+    parts = range_id.split("-")
+    if len(parts) != 5 or not all(part.isascii() and part.isdigit() for part in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def check_recorded(
+    statuses: Sequence[RangeStatus], recorded: Mapping[str, str]
+) -> tuple[dict[str, bool | None], tuple[str, ...]]:
+    """Match reported ``statuses`` with what the server holds (``get_event_range_statuses``).
+
+    Returns the settled outcomes and the ids of the ranges the server did not record:
+
+    * recorded as reported: True (a ``fatal`` range is held as ``failed`` under
+      attempt number 1, as the server lists it);
+    * still not final there (``ready``, ``sent``, ``running``): not recorded, to be
+      sent again;
+    * another final status, or not listed for its job (not handed out to it, an id of
+      another form): False, since the server never changes a final range nor records
+      one it did not hand out, so sending it again changes nothing;
+    * a status the server does not record (``running``): None, as its ``Returns`` say.
+    """
+    settled: dict[str, bool | None] = {}
+    unrecorded: list[str] = []
+    for status in statuses:
+        if status.status not in FINAL_STATES:
+            settled[status.range_id] = None
+            continue
+        held = recorded.get(status.range_id)
+        expected = status.status
+        if status.status == "fatal":
+            expected = "failed"
+            if held is None:
+                held = recorded.get(status.range_id.rsplit("-", 1)[0] + "-1")
+        if held == expected:
+            settled[status.range_id] = True
+        elif held is None or held in FINAL_STATES:
+            settled[status.range_id] = False
+        else:
+            unrecorded.append(status.range_id)
+    return settled, tuple(unrecorded)
+
+
 def check_update_status(api: ApiMode, code: int, body: bytes, url: str) -> None:
     """Classify an error status of ``update_event_ranges`` before the transport's retry policy does.
 
@@ -137,7 +199,7 @@ def check_update_status(api: ApiMode, code: int, body: bytes, url: str) -> None:
     text = body[:4096].decode("utf-8", errors="replace")
     if any(needle in text for needle in POST_COMMIT_FAILURES):
         raise CommittedThenFailed(
-            f"{url}: HTTP 500 after the report was committed (panda-server 1.0.4)", code
+            f"{url}: HTTP 500 after the report was processed (panda-server 1.0.4)", code
         )
     raise ServerRefused(f"{url}: HTTP 500 (not repeated: the report may have been committed)", code)
 
@@ -282,6 +344,28 @@ def parse_single_reply(
     if not isinstance(data, dict) or "Command" not in data:
         raise ServerProtocolError(f"{what}: 'data' has no Command")
     return EventUpdateResult({status.range_id: success}, _command(data["Command"], panda_id, what), "single")
+
+
+def parse_statuses_reply(
+    document: Mapping[str, Any], jobs: Sequence[tuple[int, int]], what: str
+) -> dict[str, str]:
+    """The status of every range of ``jobs`` from a ``get_event_range_statuses`` reply, by range id."""
+    success, message, data = _envelope(document, what)
+    if not success:
+        raise _refused(what, message)
+    if not isinstance(data, dict):
+        raise ServerProtocolError(f"{what}: 'data' is not an object")
+    recorded: dict[str, str] = {}
+    for _task_id, panda_id in jobs:
+        ranges = data.get(str(panda_id))
+        if not isinstance(ranges, dict):
+            raise ServerProtocolError(f"{what}: no range statuses for job {panda_id}")
+        for range_id, fields in ranges.items():
+            status = fields.get("status") if isinstance(fields, dict) else None
+            if not isinstance(status, str):
+                raise ServerProtocolError(f"{what}: a range of job {panda_id} has no status")
+            recorded[range_id] = status
+    return recorded
 
 
 def merge_results(results: Sequence[EventUpdateResult], how: str) -> EventUpdateResult:

@@ -11,8 +11,11 @@ these values are what the rest of the pilot sees.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import replace
 from typing import Any
 
+from pilot.server.errors import ServerError
 from pilot.util.records import record
 
 #: A range's statuses as the server knows them (``task_event_module.updateEventRanges``).
@@ -98,9 +101,26 @@ class EventRangeUpdate:
 
     @property
     def range_ids(self) -> tuple[str, ...]:
+        return tuple(r.range_id for r in self.ranges)
+
+    @property
+    def ranges(self) -> tuple[RangeStatus, ...]:
+        """Every range's status, in the order sent (a chunk's items in their chunk's place)."""
         if self.chunks:
-            return tuple(r.range_id for chunk in self.chunks for r in chunk.ranges)
-        return tuple(r.range_id for r in self.statuses)
+            return tuple(r for chunk in self.chunks for r in chunk.ranges)
+        return self.statuses
+
+    def only(self, range_ids: Collection[str]) -> EventRangeUpdate:
+        """The same report with only the ranges in ``range_ids`` (chunks left empty dropped)."""
+        keep = set(range_ids)
+        if not self.chunks:
+            return replace(self, statuses=tuple(r for r in self.statuses if r.range_id in keep))
+        chunks = []
+        for chunk in self.chunks:
+            ranges = tuple(r for r in chunk.ranges if r.range_id in keep)
+            if ranges:
+                chunks.append(chunk if len(ranges) == len(chunk.ranges) else replace(chunk, ranges=ranges))
+        return replace(self, chunks=tuple(chunks))
 
     def wire(self) -> list[dict[str, Any]]:
         """The ``eventRanges`` list, before it is made a JSON string."""
@@ -116,10 +136,27 @@ class EventUpdateResult:
     ``accepted``: per range id, True/False/None as the server's ``Returns`` said (None
     where the server said nothing, or the outcome had to be confirmed another way);
     ``command``: a command for the job (``tobekilled``, ``softkill``...), if any;
-    ``how``: how the report went (``"bulk"``, ``"single"``, ``"confirmed-after-500"``),
-    for the log and the summary.
+    ``how``: how the report went (``"bulk"``, ``"single"``, ``"confirmed-after-500"``:
+    read back with a status query after an ambiguous failure), for the log and the summary.
     """
 
     accepted: dict[str, bool | None]
     command: str | None = None
     how: str = "bulk"
+
+
+class RangesNotRecorded(ServerError):
+    """The server recorded only some ranges of a report, perhaps none: send the others again.
+
+    Raised by a source that read back what the server recorded (after panda-server
+    1.0.4's HTTP 500, which comes whether the report was committed or rolled back).
+    ``settled`` holds the outcomes of the ranges that must not be sent again (True:
+    recorded as reported; False: the server will never take that status; None: a
+    status it does not record) and the command, if one came.  Every other range of
+    the report was not recorded, or its fate is still unknown; the source reads it
+    back before it sends it again, so resending all of them is safe.
+    """
+
+    def __init__(self, message: str, settled: EventUpdateResult) -> None:
+        super().__init__(message)
+        self.settled = settled

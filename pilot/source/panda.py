@@ -11,17 +11,26 @@ update with an over-long ``pilotTiming``, so a value that does not fit is never 
 Redaction happens before, where the text is made.
 
 As ``IEventSource`` it hands out event ranges and takes their statuses.  The legacy API
-takes a report in one ``updateEventRanges`` call.  On the v1 API panda-server 1.0.4's
-``update_event_ranges`` commits a report and then answers HTTP 500, so: version-0
-reports (statuses without archives) go range by range through
-``update_single_event_range``, which answers reliably (``how="single"``), and a
-version-1 report whose 500 carries 1.0.4's known texts counts as committed
-(``how="confirmed-after-500"``, every range's outcome unknown) and is never sent again.
-Each workaround is logged once per source.
+takes a report in one ``updateEventRanges`` call, which answers reliably.  On the v1 API
+panda-server 1.0.4's ``update_event_ranges`` answers HTTP 500 after every report, both
+when it committed it and when it rolled it back, so: version-0 reports (statuses
+without archives) go range by range through ``update_single_event_range``, which
+answers reliably (``how="single"``); a version-1 report answered with that 500 is read
+back at once with ``get_event_range_statuses`` (``how="confirmed-after-500"``): ranges
+recorded as reported are accepted, ranges the server holds with another final status
+(or not for this job) are refused, and if some are still not final there,
+``RangesNotRecorded`` carries the settled ones so that the caller sends only the others
+again.  When the read-back fails (or the report's call failed some other way after it
+may have reached the server), the report counts as not delivered, and before any of its
+ranges goes out again the source reads them back, so a range the server took is not
+reported twice.  Sending one again would be harmless anyway: the server never changes a
+final range (a second report of it changes nothing there).  Until a read-back succeeds
+such ranges do not go out again.  Each workaround is logged once per source.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 from twisted.internet.defer import Deferred
@@ -40,8 +49,20 @@ from pilot.server.client import (
     ServerError,
     UpdateResult,
 )
-from pilot.server.event_calls import CommittedThenFailed, merge_results
-from pilot.server.events import EventRangeRequest, EventRangeUpdate, EventUpdateResult
+from pilot.server.event_calls import (
+    FINAL_STATES,
+    CommittedThenFailed,
+    check_recorded,
+    merge_results,
+    range_job,
+)
+from pilot.server.events import (
+    EventRangeRequest,
+    EventRangeUpdate,
+    EventUpdateResult,
+    RangesNotRecorded,
+    RangeStatus,
+)
 from pilot.server.widths import fit_request, fit_update, fitted_fields
 
 T = TypeVar("T")
@@ -49,6 +70,9 @@ log = Logger(observer=pilot_observer)
 
 #: One attempt: the caller owns the retries of a final update.
 _ONE_ATTEMPT = RetryPolicy(attempts=1)
+
+#: ``how`` of a version-1 report whose outcome was read back from the server.
+CONFIRMED = "confirmed-after-500"
 
 
 @implementer(IJobSource, IJobReporter, IEventSource)
@@ -63,6 +87,9 @@ class PandaServerSource:
         # range id -> (status, outcome) of statuses that went through in a report whose
         # later calls failed: when the report comes again, they are not sent twice
         self._delivered: dict[str, tuple[str, bool | None]] = {}
+        # ids of version-1 ranges sent in a report whose outcome is not known yet: they
+        # are read back from the server before they are sent again
+        self._doubtful: set[str] = set()
 
     @property
     def calls(self) -> int:
@@ -94,17 +121,80 @@ class PandaServerSource:
             return await self.client.update_event_ranges(update)
         if update.version == 0:
             return await self._range_by_range(update)
+        return await self._archives(update)
+
+    async def _archives(self, update: EventRangeUpdate) -> EventUpdateResult:
+        """A version-1 report on the v1 API, its outcome read back when the reply does not say.
+
+        Ranges of an earlier report whose outcome is unknown are read back first, and
+        only the ones the server did not record are sent.  A report is doubtful from
+        the moment it is sent until a reply or a read-back settles it.  Raises
+        ``RangesNotRecorded`` (which carries the settled ranges) when some ranges were
+        not recorded, or when a call failed after others were settled; any other
+        ``ServerError`` when nothing was settled.
+        """
+        settled: dict[str, bool | None] = {}
+        command: str | None = None
+        how = "bulk"
         try:
-            return await self.client.update_event_ranges(update)
-        except CommittedThenFailed:
-            self._workaround(
-                "confirmed-after-500",
-                "the server answers HTTP 500 after committing a report (panda-server 1.0.4); "
-                "such a report counts as delivered and is not sent again",
+            doubtful = [r for r in update.ranges if r.range_id in self._doubtful]
+            if doubtful:
+                how = CONFIRMED
+                settled.update(await self._read_back(doubtful))
+            rest = update.only([i for i in update.range_ids if i not in settled])
+            if rest.range_ids:
+                self._doubtful.update(rest.range_ids)
+                try:
+                    result = await self.client.update_event_ranges(rest)
+                except CommittedThenFailed:
+                    self._workaround(
+                        CONFIRMED,
+                        "the server answers HTTP 500 after a report whether it committed it or "
+                        "rolled it back (panda-server 1.0.4): its outcome is read back with "
+                        "get_event_range_statuses",
+                    )
+                    how = CONFIRMED
+                    settled.update(await self._read_back(rest.ranges))
+                else:
+                    self._doubtful.difference_update(rest.range_ids)
+                    settled.update(result.accepted)
+                    command = result.command
+        except ServerError as error:
+            if not settled:
+                raise
+            unsettled = len(update.range_ids) - len(settled)
+            raise RangesNotRecorded(
+                f"{unsettled} of {len(update.range_ids)} range(s) not reported: {error}",
+                EventUpdateResult(settled, command, how),
+            ) from error
+        unrecorded = [i for i in update.range_ids if i not in settled]
+        if unrecorded:
+            log.warn(
+                "event ranges: the server did not record {n} of {total} range(s) of a report "
+                "(it rolled the report back), e.g. {example}; they go again",
+                n=len(unrecorded),
+                total=len(update.range_ids),
+                example=unrecorded[0],
+                event="server.es_not_recorded",
             )
-            return EventUpdateResult(
-                {range_id: None for range_id in update.range_ids}, None, "confirmed-after-500"
+            raise RangesNotRecorded(
+                f"{len(unrecorded)} of {len(update.range_ids)} range(s) not recorded by the server",
+                EventUpdateResult(settled, command, how),
             )
+        return EventUpdateResult(settled, command, how)
+
+    async def _read_back(self, statuses: Sequence[RangeStatus]) -> dict[str, bool | None]:
+        """The outcomes of ``statuses`` as the server recorded them; the ranges it did not record left out.
+
+        A failing query raises ``ServerError`` and the ranges stay doubtful.
+        """
+        jobs = sorted(
+            {job for s in statuses if s.status in FINAL_STATES and (job := range_job(s.range_id)) is not None}
+        )
+        recorded = await self.client.get_event_range_statuses(jobs) if jobs else {}
+        settled, _unrecorded = check_recorded(statuses, recorded)
+        self._doubtful.difference_update(s.range_id for s in statuses)
+        return settled
 
     async def _range_by_range(self, update: EventRangeUpdate) -> EventUpdateResult:
         self._workaround(
