@@ -154,6 +154,9 @@ class IEventSource(Interface):
         A source whose server may have committed a report it then failed to answer
         (panda-server 1.0.4's ``update_event_ranges`` answers HTTP 500 after the commit)
         confirms the outcome before anything is sent again, or uses a call that answers
-        reliably.  Fails with ``ServerError`` when the report could not be delivered,
-        in which case nothing of it was committed as far as the source can tell.
+        reliably.  Fails with ``pilot.server.events.RangesNotRecorded`` when part of the
+        report is known to be recorded (its ``settled`` result) and the rest is not, and
+        with another ``ServerError`` when the report could not be delivered; in both cases
+        resending the ranges not settled is safe (the source reads back anything whose
+        outcome it does not know before sending it again).
         """
