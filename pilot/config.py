@@ -116,6 +116,8 @@ class PilotConfig:
     update_server: bool = True
     harvester: HarvesterFiles = field(default_factory=HarvesterFiles)
     event_service: EventServiceOptions = field(default_factory=EventServiceOptions)
+    #: Keep a journal in the work area so that a successor can finish this pilot's jobs.
+    journal: bool = True
     #: One line each, logged once at start: options accepted for pilot3's wrappers that
     #: do nothing here, and why.
     notices: tuple[str, ...] = ()

@@ -573,3 +573,14 @@ def capture(test: SynchronousTestCase) -> list[LogEvent]:
     globalLogPublisher.addObserver(observer)
     test.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
+
+
+class CancellationTests(SynchronousTestCase):
+    def test_a_request_cancelled_while_connecting_is_a_cancellation(self) -> None:
+        # Twisted fails a connection attempt cancelled mid-way with ConnectingCancelledError,
+        # not CancelledError: a hurried final update must read it as "cancelled", not crash
+        from twisted.internet.error import ConnectingCancelledError
+
+        from pilot.server.transport import was_cancelled
+
+        self.assertTrue(was_cancelled(ConnectingCancelledError(None)))

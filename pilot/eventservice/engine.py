@@ -59,6 +59,8 @@ class EventServiceSettings:
     max_batches_in_flight: int = 2
     #: Range requests out at once: a second one goes when the first is found too small.
     fetches_in_flight: int = 2
+    #: Fetch ahead of the workers' requests (not for HPO points: one at a time).
+    prefetch: bool = True
 
 
 @record(frozen=True)
@@ -96,6 +98,7 @@ class EventService:
             min_request=settings.min_fetch,
             max_request=settings.max_fetch,
             max_in_flight=settings.fetches_in_flight,
+            ahead=settings.prefetch,
         )
         self.reporter = RangeReporter(clock, source.update_event_ranges, job.panda_id, on_command=on_command)
         self.batcher = Batcher(

@@ -65,6 +65,7 @@ class RangeSupply:
         min_request: int = 8,
         max_request: int = 1000,
         max_in_flight: int = 1,
+        ahead: bool = True,
         max_failures: int = 5,
         retry_delays: Sequence[float] = RETRY_DELAYS,
     ) -> None:
@@ -77,6 +78,9 @@ class RangeSupply:
         self._buffer: deque[EventRange] = deque()
         self._waiters: deque[tuple[Deferred[list[EventRange] | None], int, float]] = deque()
         self.max_in_flight = max(1, max_in_flight)
+        #: Fetch ahead of demand; without, a request goes only for a worker that waits
+        #: (HPO: a point fetched ahead would be handed back unevaluated).
+        self.ahead = ahead
         self._in_flight = 0
         self._asked = 0  # ranges asked for by the requests in flight
         self._pace = 0.0  # seconds a worker spends per range, smoothed
@@ -186,6 +190,8 @@ class RangeSupply:
 
     def _refill(self) -> None:
         if self.ended or self._no_more or self._retry is not None or self._in_flight >= self.max_in_flight:
+            return
+        if not self.ahead and not (self._waiters or self._priming):
             return
         wanted = self._wanted()
         have = self.level + self._asked

@@ -39,12 +39,14 @@ from pilot.monitor.status import StatusFile
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl
 from pilot.queuedata import QueueData
 from pilot.server.client import JobUpdate, UpdateResult
+from pilot.util.journal import Journal
 from pilot.util.records import record
 from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
 if TYPE_CHECKING:
     from pilot.job.heartbeat import Heartbeat
+    from pilot.job.journal import JobJournal
     from pilot.job.launcher import ProcessLauncher
     from pilot.job.staging import JobStaging
     from pilot.monitor.prmon_process import ExternalPrmon
@@ -86,6 +88,8 @@ class JobEnvironment:
     secrets: SecretValues = field(default_factory=SecretValues)
     #: Where event-service jobs get their ranges (None: this pilot cannot run them).
     event_source: IEventSource | None = None
+    #: The pilot's journal (``pilot.util.journal``): what a successor needs to finish its jobs.
+    journal: Journal | None = None
 
 
 class JobControl:
@@ -198,6 +202,8 @@ class JobContext:
         self.beat: Callable[[], Awaitable[None]] = _no_beat
         #: Called on a softkill, besides the pilot's own (an event-service job stops taking ranges).
         self.softkill_hooks: list[Callable[[], None]] = []
+        #: This job's entries in the pilot's journal (None without a journal).
+        self.journal: JobJournal | None = None
 
     # -- stopping ------------------------------------------------------------------
 
@@ -239,6 +245,8 @@ class JobContext:
     def advance(self, phase: JobPhase) -> ServerState | None:
         """Enter ``phase``; returns the server update the transition calls for."""
         state = self.lifecycle.advance(phase)
+        if self.journal is not None:
+            self.journal.phase(phase.value)
         self.on_change()
         return state
 

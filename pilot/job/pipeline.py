@@ -101,6 +101,11 @@ class JobRun:
             self.env.secrets.add_document(job.raw.get(key))  # redacted wherever they show
         ctx = JobContext(self.env, job, self.summary, errors=self.errors, getjob_seconds=self.getjob_seconds)
         JobBeats(ctx)
+        if self.env.journal is not None:
+            from pilot.job.journal import JobJournal
+
+            ctx.journal = JobJournal(self.env.journal, self.env.in_thread, job.panda_id)
+            await ctx.journal.acquired(self.definition, job.attempt_nr, None)
         self.ctx = ctx
         if self._early_abort is not None:
             ctx.abort(*self._early_abort, final_deadline=self._early_deadline)

@@ -24,6 +24,7 @@ from pilot.util.records import record
 LOOPING_IGNORE = (
     "*.py", "prmon*", "memory_monitor*", "pilotlog*", "PoolFileCatalog*", "setup.sh",
     "pandaJob*", "job_summary.json", "DBRelease-*", "*.lib.tgz", "workDir", "pilot_status.json",
+    ".memory_monitor*", ".txpilot-*",
 )  # fmt: skip
 
 #: Files whose size is limited (stdout and transform logs).

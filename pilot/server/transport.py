@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -182,8 +182,12 @@ def _reasons(exc: BaseException) -> list[Failure]:
 
 
 def was_cancelled(exc: BaseException) -> bool:
-    """Whether ``exc`` is (or wraps) a cancellation of the request."""
-    if isinstance(exc, CancelledError):
+    """Whether ``exc`` is (or wraps) a cancellation of the request.
+
+    A request cancelled while its TCP connection is being made fails with Twisted's
+    ``ConnectingCancelledError`` (not a ``CancelledError``): that is a cancellation too.
+    """
+    if isinstance(exc, CancelledError | ConnectingCancelledError):
         return True
     return any(r.check(CancelledError) for r in _reasons(exc))
 

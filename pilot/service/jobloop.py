@@ -48,9 +48,11 @@ from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
 from pilot.server.client import PandaClient, ServerError, ServerRefused, StatusCode
 from pilot.server.downloads import DownloadCache
+from pilot.service.journaling import close_journal, open_journal
 from pilot.service.requests import job_request, node_resources, pilot_identity
 from pilot.staging.storage import StorageData
 from pilot.util.deferreds import OneShot
+from pilot.util.journal import Journal
 from pilot.util.secrets import SecretValues
 from pilot.util.threads import ThreadRunner
 
@@ -130,6 +132,8 @@ class JobLoop(Service):
         #: (False if start-up failed): what else needs them waits for this.
         self.ready: Deferred[bool] = Deferred()
         self._stop_code: ErrorCode | None = None
+        #: This pilot's journal (``pilot.service.journaling``), once the job loop has opened it.
+        self.journal: Journal | None = None
         self._softkill = False
         self._current: JobRun | None = None
         self._wait: Deferred[Any] | None = None
@@ -259,7 +263,16 @@ class JobLoop(Service):
         self._lifetime_call = self._clock.callLater(
             max(0.0, end_of_work - self._clock.seconds()), self._lifetime_reached
         )
-        return await self._job_loop()
+        if self.config.journal:
+            self.journal = await open_journal(
+                self.config.workdir, self._in_thread, self.config.node or "node", self._wall(),
+                self._wall, queue=self.config.queue,
+            )  # fmt: skip
+        try:
+            return await self._job_loop()
+        finally:
+            if self.journal is not None:
+                await close_journal(self.journal, self.summaries, self._in_thread)
 
     async def _document(self, source: str, what: str) -> bytes:
         """A configuration document from ``source``; PilotError(QUEUEDATA) if it cannot be had."""
@@ -423,6 +436,7 @@ class JobLoop(Service):
             wall=self._wall,
             secrets=self._secrets,
             event_source=self._event_source,
+            journal=self.journal,
         )
         run = JobRun(env, definition, getjob_seconds=getjob_seconds)
         self._current = run

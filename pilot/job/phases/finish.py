@@ -22,10 +22,11 @@ from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError, local_file_error
 from pilot.job.context import JobContext
 from pilot.job.credentials import SECRETS_DIR
+from pilot.job.journal import JobJournal
 from pilot.job.logtarball import create_log_tarball
 from pilot.job.states import JobPhase, final_server_state
 from pilot.job.summary import JobSummary, utc_text
-from pilot.job.updates import FinalUpdateLost, JobUpdates
+from pilot.job.updates import FinalUpdateLost, JobUpdates, redacted
 from pilot.logs import pilot_observer
 from pilot.model.files import ReportedFile, job_output_report
 from pilot.model.states import ServerState
@@ -34,6 +35,7 @@ from pilot.monitor.watcher import monitor_update_fields
 from pilot.server.client import JobUpdate, UpdateResult
 from pilot.util.checksum import file_facts
 from pilot.util.files import write_text_atomically
+from pilot.util.secrets import SecretValues
 from pilot.util.untrusted import safe_file_name
 
 log = Logger(observer=pilot_observer)
@@ -45,8 +47,17 @@ async def deliver_final(
     fields: JobUpdate,
     deadline: Callable[[], float],
     summary: JobSummary,
+    journal: JobJournal | None = None,
+    secrets: SecretValues | None = None,
 ) -> UpdateResult | None:
-    """Send a job's final update and note in ``summary`` whether it arrived; never raises."""
+    """Send a job's final update and note in ``summary`` whether it arrived; never raises.
+
+    With a journal, the update (redacted) is journaled before it goes out and its
+    acknowledgement after, so a successor of a pilot that dies meanwhile sends it again
+    if, and only if, the server never acknowledged it.
+    """
+    if journal is not None:
+        await journal.final_sent(state.value, redacted(fields, secrets))
     try:
         result = await updates.send_final(state, fields, deadline)
     except FinalUpdateLost as exc:
@@ -54,6 +65,8 @@ async def deliver_final(
         log.critical("{error}", error=str(exc), event="job.final_update_lost", pandaid=summary.panda_id)
         return None
     summary.final_update = "delivered"
+    if journal is not None:
+        journal.final_acked(state.value)
     for command in result.commands:
         summary.note_command(command)
     return result
@@ -128,7 +141,15 @@ class FinishPhase:
         for pending in ctx.pending:
             await pending
         final = final_server_state(ctx.lifecycle.phase, ctx.errors)
-        await deliver_final(ctx.updates, final, final_fields(ctx, final), ctx.deadline, ctx.summary)
+        await deliver_final(
+            ctx.updates,
+            final,
+            final_fields(ctx, final),
+            ctx.deadline,
+            ctx.summary,
+            journal=ctx.journal,
+            secrets=ctx.env.secrets,
+        )
         ctx.summary.state = final.value
         self._record_summary()
         await self._safely("writing the job summary", self._write_summary)

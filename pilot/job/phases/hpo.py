@@ -45,7 +45,9 @@ RunPayload = Callable[[Mapping[str, str]], Awaitable[None]]
 PostProcess = Callable[[], Awaitable[None]]
 
 #: One point at a time: a point fetched ahead would be lost work if the loop ends.
-HPO_SETTINGS = EventServiceSettings(ranges_per_request=1, min_fetch=1, max_fetch=1, batch_ranges=1)
+HPO_SETTINGS = EventServiceSettings(
+    ranges_per_request=1, min_fetch=1, max_fetch=1, batch_ranges=1, fetches_in_flight=1, prefetch=False
+)
 
 
 def is_hpo(ctx: JobContext) -> bool:

@@ -37,6 +37,9 @@ from pilot.process.utility import Utility
 
 log = Logger(observer=pilot_observer)
 
+#: Where the payload's supervisor records how it ended (in the job's work directory).
+PAYLOAD_STATUS_FILE = ".txpilot-payload-status.json"
+
 
 def children_cpu_seconds() -> float:
     """CPU time of every child the pilot has reaped so far (payload trees included)."""
@@ -73,12 +76,17 @@ class PayloadRun:
         )  # fmt: skip
         record.runtime = launcher.runtimes_used.get("payload")
         cpu_at_start = children_cpu_seconds()
+        status_file = workdir / PAYLOAD_STATUS_FILE
+        if ctx.journal is not None:
+            await ctx.journal.payload_starting(status_file)
         try:
             pid = process.start()
         except ProcessStartError as exc:
             raise PilotError(ErrorCode.PAYLOADEXECUTIONFAILURE, str(exc)) from None
         ctx.payload = process
         ctx.control.track(process)
+        if ctx.journal is not None:
+            ctx.journal.payload_started(pid, pid, None, status_file)
         await self._start_monitor(workdir, pid)
         log.info(
             "job {pandaid}: payload started as pid {pid}",
@@ -98,6 +106,8 @@ class PayloadRun:
         outcome = await process.wait()
         record.finish(outcome)
         ctx.outcome = outcome
+        if ctx.journal is not None:
+            ctx.journal.payload_ended(outcome)
         if co_process is not None and co_record is not None:
             co_record.finish(await co_process.terminate("the payload has ended"))
         for utility in self.utilities:

@@ -54,6 +54,8 @@ class SetupPhase:
         workdir = await env.in_thread(make_workdir, env.pilot_dir, job.panda_id, env.config.modes.directory)
         ctx.workdir = workdir
         ctx.summary.workdir = str(workdir)
+        if ctx.journal is not None:
+            await ctx.journal.workdir(workdir)
         await self._check_free_space(workdir)
         problem = await env.in_thread(env.experiment.verify_setup, job, workdir)
         if problem:

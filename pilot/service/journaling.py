@@ -1,0 +1,76 @@
+"""The pilot's journal over its life: opened before the first job, removed when nothing is left.
+
+The journal lives in the base work directory (``-a/--workdir``), beside the pilot's own
+directory, so that a pilot started later on the same work area finds it when this one
+dies (``pilot.service.resume``).  A pilot that ends with every final update delivered
+removes its journal; one that could not deliver a final update (the server was away
+past the deadline) keeps it, and its successor sends the update.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+
+from pilot.job.summary import JobSummary
+from pilot.logs import pilot_observer
+from pilot.util.journal import VERSION, Journal, journal_dir, journal_name
+from pilot.util.threads import ThreadRunner
+
+log = Logger(observer=pilot_observer)
+
+
+async def open_journal(
+    base: Path, in_thread: ThreadRunner, node: str, started: float, wall: Callable[[], float], **facts: object
+) -> Journal | None:
+    """This pilot's journal, opened and locked, with its first entry on disk; None if impossible.
+
+    A pilot without a journal works as before, it only cannot be succeeded: that is
+    logged, not fatal.
+    """
+    path = journal_dir(base.absolute()) / journal_name(node, os.getpid(), started)
+    journal = Journal(path, in_thread, wall=wall)
+    try:
+        await in_thread(journal.open)
+        await journal.append("pilot.started", v=VERSION, pid=os.getpid(), node=node, **facts)
+    except CancelledError:
+        raise
+    except OSError as exc:
+        log.error(
+            "no journal ({path}: {error}): a successor could not finish this pilot's jobs",
+            path=str(path),
+            error=exc.strerror or str(exc),
+            event="journal.unavailable",
+        )
+        return None
+    log.info("journal: {path}", path=str(path), event="journal.opened")
+    return journal
+
+
+def all_delivered(summaries: Sequence[JobSummary]) -> bool:
+    """Whether every job the pilot ran got its final update acknowledged (or needed none)."""
+    return all(s.final_update == "delivered" or s.panda_id is None for s in summaries)
+
+
+async def close_journal(journal: Journal, summaries: Sequence[JobSummary], in_thread: ThreadRunner) -> None:
+    """Flush and close the journal; remove it unless a successor has something to deliver."""
+    remove = all_delivered(summaries)
+    try:
+        await journal.append("pilot.ended", jobs=len(summaries), complete=remove)
+        await journal.drained()
+        await in_thread(journal.close, remove=remove)
+    except OSError as exc:
+        log.error(
+            "journal: not closed cleanly: {error}", error=exc.strerror or str(exc), event="journal.failed"
+        )
+        return
+    if not remove:
+        log.warn(
+            "journal kept for a successor: a final update was not delivered ({path})",
+            path=str(journal.path),
+            event="journal.kept",
+        )
