@@ -27,7 +27,7 @@ from pilot.job.launcher import ProcessLauncher
 from pilot.job.states import JobPhase
 from pilot.logs import pilot_observer
 from pilot.model.documents import Step
-from pilot.model.processes import ProcessRecord
+from pilot.model.processes import ProcessOutcome, ProcessRecord
 from pilot.monitor import prmon_output
 from pilot.monitor.payload_analysis import analyse_payload
 from pilot.monitor.prmon_process import ExternalPrmon, find_prmon, prmon_requested
@@ -45,6 +45,26 @@ def children_cpu_seconds() -> float:
     """CPU time of every child the pilot has reaped so far (payload trees included)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+async def judge_payload(ctx: JobContext, outcome: ProcessOutcome, workdir: Path) -> None:
+    """Analyse how the payload ended (the experiment refines it); raise its error, if any.
+
+    A payload the pilot terminated raises CancelledError ("aborted"); a signal or a
+    non-zero exit raises ``PilotError`` with the code the analysis found, else
+    PAYLOADEXECUTIONFAILURE.  Also used for a payload a successor pilot adopted.
+    """
+    analysis = await ctx.env.in_thread(analyse_payload, outcome.exit_code, outcome.signal, workdir)
+    ctx.analysis = ctx.env.experiment.analyse_payload(ctx.job, workdir, analysis)
+    if outcome.terminated_by_pilot:
+        raise CancelledError()
+    if outcome.signal is not None:
+        raise PilotError(error_for_signal(outcome.signal), f"payload killed by signal {outcome.signal}")
+    if outcome.exit_code != 0:
+        found = ctx.analysis.pilot_error
+        if found is not None:
+            raise PilotError(found[0], found[1])
+        raise PilotError(ErrorCode.PAYLOADEXECUTIONFAILURE, f"payload exited with code {outcome.exit_code}")
 
 
 class PayloadRun:
@@ -121,19 +141,7 @@ class PayloadRun:
             pandaid=job.panda_id, exit_code=outcome.exit_code, signal=outcome.signal,
             wall=outcome.wall_time, event="job.payload_end",
         )  # fmt: skip
-        analysis = await ctx.env.in_thread(analyse_payload, outcome.exit_code, outcome.signal, workdir)
-        ctx.analysis = ctx.env.experiment.analyse_payload(job, workdir, analysis)
-        if outcome.terminated_by_pilot:
-            raise CancelledError()
-        if outcome.signal is not None:
-            raise PilotError(error_for_signal(outcome.signal), f"payload killed by signal {outcome.signal}")
-        if outcome.exit_code != 0:
-            found = ctx.analysis.pilot_error
-            if found is not None:
-                raise PilotError(found[0], found[1])
-            raise PilotError(
-                ErrorCode.PAYLOADEXECUTIONFAILURE, f"payload exited with code {outcome.exit_code}"
-            )
+        await judge_payload(ctx, outcome, workdir)
 
     async def _start_coprocess(
         self, payload: ManagedProcess, payload_record: ProcessRecord

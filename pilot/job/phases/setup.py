@@ -60,31 +60,11 @@ class SetupPhase:
         problem = await env.in_thread(env.experiment.verify_setup, job, workdir)
         if problem:
             raise PilotError(ErrorCode.SETUPFAILURE, problem)
-        ctx.launcher = self._launcher(workdir)
-        ctx.staging = JobStaging(
-            job,
-            workdir,
-            env.staging,
-            env.queuedata,
-            spawner=env.spawner,
-            clock=env.clock,
-            in_thread=env.in_thread,
-            control=env.process_control,
-            catalog_name=env.experiment.file_catalog_name(job),
-            wrap_in=ctx.launcher.copytool_wrapper("stagein"),
-            wrap_out=ctx.launcher.copytool_wrapper("stageout"),
-        )
+        attach_tools(ctx, workdir)
         if state is not None:
             ctx.control.check()
             await ctx.send(state)
-        ctx.heartbeat = Heartbeat(
-            env.clock,
-            env.config.heartbeat_period,
-            env.config.debug_heartbeat_period,
-            ctx.beat,
-            debug=job.is_debug,
-        )
-        ctx.heartbeat.start()
+        start_heartbeat(ctx)
         sources = download_sources(job, env.config.baseurls, allow_http=env.config.allow_http_transformations)
         if sources:
             path = await ctx.control.guard(
@@ -108,23 +88,57 @@ class SetupPhase:
                 f"{free / 1e9:.2f} GB free for the job, {needed / 1e9:.2f} GB needed before it starts",
             )
 
-    def _launcher(self, workdir: Path) -> ProcessLauncher:
-        env = self.ctx.env
-        credentials = env.config.credentials
-        # the pilot's directory (its logs, other jobs) and its own credentials
-        hidden = [env.pilot_dir, *(p for p in (credentials.proxy, credentials.token_file) if p)]
-        return ProcessLauncher(
-            spawner=env.spawner,
-            clock=env.clock,
-            job=self.ctx.job,
-            workdir=workdir,
-            experiment=env.experiment,
-            queuedata=env.queuedata,
-            pilot_environ=env.pilot_environ,
-            hidden=hidden,
-            kill_grace=env.config.kill_grace,
-            control=env.process_control,
-            gate=self.ctx.control.check,
-            in_thread=env.in_thread,
-            output_mode=env.config.modes.file,
-        )
+
+def attach_tools(ctx: JobContext, workdir: Path) -> None:
+    """The job's process launcher and staging, for ``workdir`` (a new job's, or a resumed one's)."""
+    env, job = ctx.env, ctx.job
+    ctx.workdir = workdir
+    ctx.summary.workdir = str(workdir)
+    ctx.launcher = _launcher(ctx, workdir)
+    ctx.staging = JobStaging(
+        job,
+        workdir,
+        env.staging,
+        env.queuedata,
+        spawner=env.spawner,
+        clock=env.clock,
+        in_thread=env.in_thread,
+        control=env.process_control,
+        catalog_name=env.experiment.file_catalog_name(job),
+        wrap_in=ctx.launcher.copytool_wrapper("stagein"),
+        wrap_out=ctx.launcher.copytool_wrapper("stageout"),
+    )
+
+
+def start_heartbeat(ctx: JobContext) -> None:
+    env = ctx.env
+    ctx.heartbeat = Heartbeat(
+        env.clock,
+        env.config.heartbeat_period,
+        env.config.debug_heartbeat_period,
+        ctx.beat,
+        debug=ctx.job.is_debug,
+    )
+    ctx.heartbeat.start()
+
+
+def _launcher(ctx: JobContext, workdir: Path) -> ProcessLauncher:
+    env = ctx.env
+    credentials = env.config.credentials
+    # the pilot's directory (its logs, other jobs) and its own credentials
+    hidden = [env.pilot_dir, *(p for p in (credentials.proxy, credentials.token_file) if p)]
+    return ProcessLauncher(
+        spawner=env.spawner,
+        clock=env.clock,
+        job=ctx.job,
+        workdir=workdir,
+        experiment=env.experiment,
+        queuedata=env.queuedata,
+        pilot_environ=env.pilot_environ,
+        hidden=hidden,
+        kill_grace=env.config.kill_grace,
+        control=env.process_control,
+        gate=ctx.control.check,
+        in_thread=env.in_thread,
+        output_mode=env.config.modes.file,
+    )
