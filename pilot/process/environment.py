@@ -14,6 +14,13 @@ the payload environment is assembled from:
 
 Experiment plug-ins can add to it (see ``pilot.interfaces``).
 
+Every process of a job (not only the payload) also carries the job's marker,
+``TXPILOT_JOB_MARKER=<PandaID>-<attempt>-<random>`` (``job_marker``), added by the job's
+launcher: whatever those processes start inherits it, so that the final sweep after
+the job (``pilot.process.sweep``) finds what escaped the job's process groups.  The
+random part makes it unguessable, so only a process started with the job's own
+environment can carry it.
+
 Copytools act for the pilot and get its proxy and token, preferably by the paths of the
 pilot's private copies (``pilot.util.private``) rather than the site's originals.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -80,6 +88,15 @@ DENIED: tuple[str, ...] = (
     "OIDC_*",
     "BEARER_*",
 )
+
+
+#: The variable every process of a job carries (see the module docstring).
+JOB_MARKER_VARIABLE = "TXPILOT_JOB_MARKER"
+
+
+def job_marker(panda_id: int, attempt: int | None) -> str:
+    """A new marker value for one run of a job: its PandaID, attempt and 64 random bits."""
+    return f"{panda_id}-{attempt if attempt is not None else 0}-{secrets.token_hex(8)}"
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

@@ -515,6 +515,15 @@ class ManagedProcess:
             return self._sweep()
         return succeed(None)
 
+    def leftovers_gone(self) -> None:
+        """Cancel the pending SIGKILL of the leftovers: the job's final sweep saw them end.
+
+        Signalling the group then could hit a recycled group id (``pilot.process.sweep``).
+        """
+        if self._cleanup_call is not None and self._cleanup_call.active():
+            self._cleanup_call.cancel()
+        self._cleanup_call = None
+
     def _finish(
         self, exit_code: int | None, signum: int | None, *, lost: bool = False, ended: float | None = None
     ) -> None:
