@@ -30,6 +30,13 @@ class KeepWorkdirs(Enum):
     ALL = "all"
 
 
+class CgroupMode(Enum):
+    """Whether each job gets a cgroup v2 of its own (``--cgroups``, ``pilot.process.cgroup``)."""
+
+    AUTO = "auto"  # where the pilot has a delegated subtree; else process groups
+    OFF = "off"
+
+
 @record(frozen=True)
 class HarvesterFiles:
     """Harvester's hand-over files (pilot3's ``--harvester-*`` options), for the Harvester mode.
@@ -88,6 +95,7 @@ class PilotConfig:
     shutdown_grace: float = 60.0
     lifetime_margin: float = 180.0
     keep_workdirs: KeepWorkdirs = KeepWorkdirs.NONE
+    cgroups: CgroupMode = CgroupMode.AUTO
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     report_worker_node: bool = True
     summary_file: Path | None = None

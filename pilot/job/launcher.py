@@ -23,6 +23,8 @@ from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
 from pilot.interfaces import IExperiment
 from pilot.model.job import Job
+from pilot.monitor.limits import memory_limit_kb
+from pilot.process.jobscope import JobScope
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
 from pilot.queuedata import QueueData
 from pilot.util.threads import ThreadRunner
@@ -59,6 +61,25 @@ def binds_for(argv: Sequence[str], environ: Mapping[str, str], workdir: Path) ->
     return list(binds.values())
 
 
+#: ``memory.max`` of a job's cgroup, as a multiple of its memory limit: the monitor, which
+#: fails the job with PAYLOADEXCEEDMAXMEM, acts first; the kernel only stops a runaway
+#: allocation that would outrun the monitor's next sample.
+CGROUP_MEMORY_FACTOR = 1.5
+
+
+def cgroup_limits(job: Job, queuedata: QueueData) -> dict[str, str]:
+    """The limits of ``job``'s cgroup: ``memory.max``, and ``pids.max`` when the queue sets
+    ``pilot_pids_max`` (processes and threads of the job, in its ``params``)."""
+    limits: dict[str, str] = {}
+    memory_kb = memory_limit_kb(job, queuedata)
+    if memory_kb:
+        limits["memory.max"] = str(int(memory_kb * 1024 * CGROUP_MEMORY_FACTOR))
+    pids = str(queuedata.params.get("pilot_pids_max", "")).strip()
+    if pids.isdigit() and int(pids) > 0:
+        limits["pids.max"] = pids
+    return limits
+
+
 def _runtimes() -> dict[str, IContainerRuntime]:
     from pilot.container.registry import runtimes  # imported on first container use only
 
@@ -84,6 +105,7 @@ class ProcessLauncher:
         gate: Callable[[], None] = lambda: None,
         in_thread: ThreadRunner | None = None,
         output_mode: int = 0o600,
+        scope: JobScope | None = None,
     ) -> None:
         self.spawner = spawner
         self.clock = clock
@@ -100,6 +122,8 @@ class ProcessLauncher:
         self.gate = gate
         self.in_thread = in_thread
         self.output_mode = output_mode
+        #: The job's marker, cgroup and process groups (``pilot.process.jobscope``); None: none.
+        self.scope = scope
         self.runtimes_used: dict[str, str] = {}  # role → runtime, for the job summary
 
     def wrap(
@@ -151,14 +175,20 @@ class ProcessLauncher:
     ) -> ManagedProcess:
         """The ``ManagedProcess`` for ``argv`` in ``role`` (wrapped in a container if asked)."""
         self.gate()
+        if self.scope is not None:
+            environ = self.scope.environ(environ)  # inside a container too
         launch = self.wrap(role, argv, environ)
         if launch is None:
             launch = Launch(argv=list(argv), env=dict(environ))
-        return ManagedProcess(
+        argv_out, env = list(launch.argv), launch.env
+        if self.scope is not None:  # the outermost process carries the marker and joins the cgroup
+            argv_out = self.scope.argv(argv_out)
+            env = self.scope.environ(env)
+        process = ManagedProcess(
             self.spawner,
             self.clock,
-            launch.argv,
-            env=launch.env,
+            argv_out,
+            env=env,
             cwd=self.workdir,
             stdout=self.workdir / f"{name}.stdout",
             stderr=self.workdir / f"{name}.stderr",
@@ -169,6 +199,9 @@ class ProcessLauncher:
             in_thread=self.in_thread,
             output_mode=self.output_mode,
         )
+        if self.scope is not None:
+            self.scope.adopt(process)
+        return process
 
     def copytool_wrapper(self, role: str) -> CommandWrapper | None:
         """For copytools (``stagein``/``stageout`` roles): wraps each command, binding what it names.

@@ -43,6 +43,10 @@ class JobSummary:
     reactor: dict[str, Any] = field(default_factory=dict)
     #: Event-service jobs: ranges done/failed, batches, bytes, the payload's wait for ranges.
     event_service: dict[str, Any] = field(default_factory=dict)
+    #: How the job's processes were contained and ended (``pilot.process.jobscope``): the cgroup's
+    #: path, memory_peak (bytes), cpu_usage_s and limits, or "fallback": "process groups";
+    #: leftovers (processes still running at the job's end) and reap_s.
+    cgroup: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pilot.config import EventServiceOptions, HarvesterFiles, KeepWorkdirs, PilotConfig
+from pilot.config import CgroupMode, EventServiceOptions, HarvesterFiles, KeepWorkdirs, PilotConfig
 from pilot.errors import PilotError, exit_code_for
 from pilot.model.credentials import Credentials
 from pilot.monitor.settings import MonitorSettings
@@ -285,6 +285,7 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         shutdown_grace=values["shutdown-grace"],
         lifetime_margin=values["lifetime-margin"],
         keep_workdirs=_keep_workdirs(values, options, file_values),
+        cgroups=CgroupMode(values["cgroups"]),
         summary_file=summary if summary is None or summary.is_absolute() else workdir / summary,
         log_file=_log_file(values, options, file_values, workdir),
         node=values.get("node") or socket.gethostname(),

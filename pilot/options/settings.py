@@ -306,6 +306,10 @@ SETTINGS: tuple[Setting, ...] = (
         choice("keep-workdirs", ("none", "failed", "all")),
     ),
     Setting(
+        "cgroups", None, "auto", "A cgroup v2 per job where the pilot has a delegated subtree (auto), "
+        "or process groups and the job's environment marker only (off).", choice("cgroups", ("auto", "off")),
+    ),
+    Setting(
         "cleanup", None, True, "pilot3's switch: false keeps every work directory (--keep-workdirs all) "
         "unless --keep-workdirs is given.", str2bool("cleanup"),
     ),

@@ -1,4 +1,10 @@
-"""Finish: the log tarball, the final update, the job's summary, its directory tidied away.
+"""Finish: the job's leftover processes, the log tarball, the final update, the job's summary,
+its directory tidied away.
+
+First, whatever the job's processes left running is ended and waited for
+(``pilot.process.jobscope``: its cgroup, else its process groups and environment
+marker), whatever ``--keep-workdirs`` says, so that nothing the job started outlives
+it and nothing still writes into the directory the tarball is made of.
 
 This phase runs whatever happened before, and the final update is always attempted:
 a failure of any step here (a full disk while the tarball is written, a bug) is
@@ -129,6 +135,7 @@ class FinishPhase:
         ctx = self.ctx
         if ctx.heartbeat is not None:
             await self._safely("stopping the heartbeat", ctx.heartbeat.stop)
+        await self._safely("ending the job's processes", self._end_processes)
         if ctx.lifecycle.phase is not JobPhase.STAGEOUT:
             ctx.reported = []  # outputs count only if the job got through stage-out
         if not ctx.control.aborted or ctx.control.keep_log:
@@ -176,6 +183,11 @@ class FinishPhase:
             log.failure("job {pandaid}: {what} failed", pandaid=self.ctx.job.panda_id, what=what)
             if code is not None:
                 self.ctx.errors.record(ErrorCode.UNKNOWNEXCEPTION, f"{what}: {type(exc).__name__}: {exc}")
+
+    async def _end_processes(self) -> None:
+        launcher = self.ctx.launcher
+        if launcher is not None and launcher.scope is not None:
+            self.ctx.summary.cgroup = await launcher.scope.end()
 
     async def _log_tarball(self) -> None:
         """Create the log tarball, describe it and store it; it joins the job output report."""

@@ -6,18 +6,22 @@ from __future__ import annotations
 import errno
 import shutil
 from pathlib import Path
+from typing import cast
 
+from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 
+from pilot.config import CgroupMode
 from pilot.errorcodes import ErrorCode
 from pilot.errors import PilotError
-from pilot.job.context import JobContext
+from pilot.job.context import JobContext, JobEnvironment
 from pilot.job.heartbeat import Heartbeat
-from pilot.job.launcher import ProcessLauncher
+from pilot.job.launcher import ProcessLauncher, cgroup_limits
 from pilot.job.staging import JobStaging
 from pilot.job.states import JobPhase
 from pilot.job.transformation import download_sources, fetch_transformation
 from pilot.logs import pilot_observer
+from pilot.process.jobscope import JobScope
 
 log = Logger(observer=pilot_observer)
 
@@ -61,6 +65,8 @@ class SetupPhase:
         if problem:
             raise PilotError(ErrorCode.SETUPFAILURE, problem)
         attach_tools(ctx, workdir)
+        assert ctx.launcher is not None and ctx.launcher.scope is not None
+        await ctx.launcher.scope.open()  # the job's cgroup, before any of its processes starts
         if state is not None:
             ctx.control.check()
             await ctx.send(state)
@@ -122,6 +128,29 @@ def start_heartbeat(ctx: JobContext) -> None:
     ctx.heartbeat.start()
 
 
+def _fdset(env: JobEnvironment) -> IReactorFDSet | None:
+    """The reactor's file-descriptor side, for waiting on cgroup events and pidfds (None: a fake)."""
+    for candidate in (env.clock, env.spawner):
+        if IReactorFDSet.providedBy(candidate):
+            return cast(IReactorFDSet, candidate)
+    return None
+
+
+def _scope(ctx: JobContext) -> JobScope:
+    env, job = ctx.env, ctx.job
+    return JobScope(
+        panda_id=job.panda_id,
+        attempt=job.attempt_nr,
+        spawner=env.spawner,
+        clock=env.clock,
+        in_thread=env.in_thread,
+        fdset=_fdset(env),
+        kill_grace=env.config.kill_grace,
+        use_cgroups=env.config.cgroups is CgroupMode.AUTO,
+        limits=cgroup_limits(job, env.queuedata),
+    )
+
+
 def _launcher(ctx: JobContext, workdir: Path) -> ProcessLauncher:
     env = ctx.env
     credentials = env.config.credentials
@@ -141,4 +170,5 @@ def _launcher(ctx: JobContext, workdir: Path) -> ProcessLauncher:
         gate=ctx.control.check,
         in_thread=env.in_thread,
         output_mode=env.config.modes.file,
+        scope=_scope(ctx),
     )
