@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from pilot.process.runner import Descendant
+from pilot.process.supervisor import supervised_argv
 
 
 def run_sync(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -248,8 +249,11 @@ class FakeProcess:
 
     @property
     def command(self) -> list[str]:
-        """argv without the ``setsid`` prefix."""
-        return self.args[1:]
+        """argv without the ``setsid`` prefix, and without the payload supervisor's."""
+        command = self.args[1:]
+        if len(command) > _SUPERVISOR_PREFIX and command[1:3] == _SUPERVISOR_MARK:
+            return command[_SUPERVISOR_PREFIX:]
+        return command
 
     def end(self, exit_code: int = 0, signal: int | None = None) -> None:
         if self.ended:
@@ -391,3 +395,9 @@ class FakeProcessControl:
     def signal_process(self, process: Descendant, signum: int) -> bool:
         self.process_signals.append((process.pid, signum))
         return any(process in alive for alive in self.members.values())
+
+
+#: How the payload supervisor's wrapper looks at the front of an argv (``pilot.process.supervisor``).
+_SUPERVISOR_SAMPLE = supervised_argv(Path("/status"), ["payload"])
+_SUPERVISOR_PREFIX = len(_SUPERVISOR_SAMPLE) - 1
+_SUPERVISOR_MARK = _SUPERVISOR_SAMPLE[1:3]

@@ -422,16 +422,21 @@ class JobCgroupTests(TestCase):
         if not parent.exists():
             (self.own / "cgroup.subtree_control").write_text(f"-{controller}")
 
-    async def test_memory_max_where_the_memory_controller_is_available(self) -> None:
-        if "memory" not in (self.own / "cgroup.controllers").read_text().split():
-            raise SkipTest("the memory controller is not available to this cgroup v2 (bound to v1 here)")
+    async def test_memory_max_applied_where_the_controller_exists_else_noted(self) -> None:
+        # on a hybrid host (memory bound to cgroup v1, as on this machine) the limit cannot be
+        # applied: the job still gets its cgroup (kill, accounting) and the summary says why
+        available = "memory" in (self.own / "cgroup.controllers").read_text().split()
         cgroup = await self.cgroup("job-4-1", limits={"memory.max": str(64 << 20)})
-        self.assertEqual(cgroup.limits, {"memory.max": str(64 << 20)})
         process = self.process(["/bin/sh", "-c", "head -c 16M /dev/zero | tail -c 1 >/dev/null"], cgroup)
         process.start()
         await process.wait()
         usage = await cgroup.usage()
-        self.assertIsNotNone(usage.memory_peak)
+        if available:
+            self.assertEqual(cgroup.limits, {"memory.max": str(64 << 20)})
+            self.assertIsNotNone(usage.memory_peak)
+        else:
+            self.assertNotIn("memory.max", cgroup.limits)
+            self.assertIn("memory", cgroup.note)
 
     def test_a_controller_the_cgroup_lacks_is_noted_not_fatal(self) -> None:
         own, _ = require_delegated_v2(self)

@@ -26,6 +26,7 @@ from pilot.model.job import Job
 from pilot.monitor.limits import memory_limit_kb
 from pilot.process.jobscope import JobScope
 from pilot.process.runner import OS_PROCESS_CONTROL, ManagedProcess, ProcessControl, ProcessStartError
+from pilot.process.supervisor import supervised_argv
 from pilot.queuedata import QueueData
 from pilot.util.threads import ThreadRunner
 
@@ -171,16 +172,33 @@ class ProcessLauncher:
         return launch
 
     def build(
-        self, role: str, name: str, argv: Sequence[str], environ: Mapping[str, str], *, failure: ErrorCode
+        self,
+        role: str,
+        name: str,
+        argv: Sequence[str],
+        environ: Mapping[str, str],
+        *,
+        failure: ErrorCode,
+        status_file: Path | None = None,
     ) -> ManagedProcess:
-        """The ``ManagedProcess`` for ``argv`` in ``role`` (wrapped in a container if asked)."""
+        """The ``ManagedProcess`` for ``argv`` in ``role`` (wrapped in a container if asked).
+
+        ``status_file``: run it under the supervisor (``pilot.process.supervisor``), which
+        records how it ended there even if the pilot is dead by then; the supervisor is the
+        outermost process (outside any container), one level above what it runs.
+        """
         self.gate()
         if self.scope is not None:
             environ = self.scope.environ(environ)  # inside a container too
         launch = self.wrap(role, argv, environ)
         if launch is None:
             launch = Launch(argv=list(argv), env=dict(environ))
-        argv_out, env = list(launch.argv), launch.env
+        argv_out = list(launch.argv)
+        shield = launch.shield_levels
+        if status_file is not None:
+            argv_out = supervised_argv(status_file, argv_out, env=launch.env)
+            shield = shield + 1 if shield else 0
+        env = launch.env
         if self.scope is not None:  # the outermost process carries the marker and joins the cgroup
             argv_out = self.scope.argv(argv_out)
             env = self.scope.environ(env)
@@ -195,7 +213,7 @@ class ProcessLauncher:
             kill_grace=self.kill_grace,
             name=f"{name} of job {self.job.panda_id}",
             control=self.control,
-            soft_stop_depth=launch.shield_levels,
+            soft_stop_depth=shield,
             in_thread=self.in_thread,
             output_mode=self.output_mode,
         )

@@ -39,6 +39,8 @@ from pilot.errors import ExitCode, PilotError, exit_code_for
 from pilot.interfaces import IEventSource, IExperiment, IJobReporter, IJobSource
 from pilot.job.context import Download, JobEnvironment
 from pilot.job.pipeline import JobRun
+from pilot.job.recovery import journaled_jobs
+from pilot.job.resumed import ResumedJob
 from pilot.job.staging import StagingSetup
 from pilot.job.summary import JobSummary, utc_text
 from pilot.logs import pilot_observer
@@ -48,7 +50,7 @@ from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
 from pilot.server.client import PandaClient, ServerError, ServerRefused, StatusCode
 from pilot.server.downloads import DownloadCache
-from pilot.service.journaling import close_journal, open_journal
+from pilot.service.journaling import all_delivered, claim_dead_journals, close_journal, open_journal
 from pilot.service.requests import job_request, node_resources, pilot_identity
 from pilot.staging.storage import StorageData
 from pilot.util.deferreds import OneShot
@@ -135,7 +137,7 @@ class JobLoop(Service):
         #: This pilot's journal (``pilot.service.journaling``), once the job loop has opened it.
         self.journal: Journal | None = None
         self._softkill = False
-        self._current: JobRun | None = None
+        self._current: JobRun | ResumedJob | None = None
         self._wait: Deferred[Any] | None = None
         self._lifetime_call: IDelayedCall | None = None
         #: Transformations fetched once per pilot (made with the pilot directory).
@@ -269,6 +271,7 @@ class JobLoop(Service):
                 self._wall, queue=self.config.queue,
             )  # fmt: skip
         try:
+            await self._resume_dead_pilots()
             return await self._job_loop()
         finally:
             if self.journal is not None:
@@ -413,9 +416,9 @@ class JobLoop(Service):
         finally:
             self._wait = None
 
-    async def _run_job(self, definition: Mapping[str, Any], getjob_seconds: float) -> None:
+    def _environment(self) -> JobEnvironment:
         assert self.pilot_dir is not None and self.downloads is not None
-        env = JobEnvironment(
+        return JobEnvironment(
             reporter=self._reporter,
             download=self._fetch,
             fetch_file=self.downloads.fetch,
@@ -438,7 +441,23 @@ class JobLoop(Service):
             event_source=self._event_source,
             journal=self.journal,
         )
-        run = JobRun(env, definition, getjob_seconds=getjob_seconds)
+
+    async def _run_job(self, definition: Mapping[str, Any], getjob_seconds: float) -> None:
+        await self._run_tracked(JobRun(self._environment(), definition, getjob_seconds=getjob_seconds))
+
+    async def _resume_dead_pilots(self) -> None:
+        """Finish the jobs of pilots that died on this work area (``pilot.job.resumed``)."""
+        own = self.journal.path if self.journal is not None else None
+        for claimed in await self._in_thread(claim_dead_journals, self.config.workdir.absolute(), own):
+            done_before = len(self.summaries)
+            for journaled in journaled_jobs(claimed.entries()):
+                if self._stop_code is not None:
+                    break
+                await self._run_tracked(ResumedJob(self._environment(), journaled))
+            finished = all_delivered(self.summaries[done_before:]) and self._stop_code is None
+            await self._in_thread(claimed.release, remove=finished)
+
+    async def _run_tracked(self, run: JobRun | ResumedJob) -> None:
         self._current = run
         if self._stop_code is not None:  # a stop arrived while the job was being fetched
             run.abort(self._stop_code, "the pilot is stopping")

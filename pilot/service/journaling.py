@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from pilot.job.summary import JobSummary
 from pilot.logs import pilot_observer
-from pilot.util.journal import VERSION, Journal, journal_dir, journal_name
+from pilot.util.journal import VERSION, ClaimedJournal, Journal, claim_orphans, journal_dir, journal_name
 from pilot.util.threads import ThreadRunner
 
 log = Logger(observer=pilot_observer)
@@ -74,3 +74,11 @@ async def close_journal(journal: Journal, summaries: Sequence[JobSummary], in_th
             path=str(journal.path),
             event="journal.kept",
         )
+
+
+def claim_dead_journals(base: Path, own: Path | None) -> list[ClaimedJournal]:
+    """The journals of pilots that died on this work area, locked for this pilot (blocking)."""
+    claimed = list(claim_orphans(base, own))
+    for journal in claimed:
+        log.warn("journal of a pilot that is gone: {path}", path=str(journal.path), event="resume.journal")
+    return claimed

@@ -32,6 +32,7 @@ from pilot.monitor import prmon_output
 from pilot.monitor.payload_analysis import analyse_payload
 from pilot.monitor.prmon_process import ExternalPrmon, find_prmon, prmon_requested
 from pilot.monitor.watcher import JobMonitor, Limits
+from pilot.process.identity import process_identity
 from pilot.process.runner import ManagedProcess, ProcessStartError
 from pilot.process.utility import Utility
 
@@ -90,13 +91,15 @@ class PayloadRun:
         ctx, job, launcher = self.ctx, self.ctx.job, self.launcher
         workdir = launcher.workdir
         record = ctx.record("payload", "payload")
+        status_file = workdir / PAYLOAD_STATUS_FILE
         process = launcher.build(
             "payload", "payload", ["/bin/bash", "-c", self.command], self.environ,
-            failure=ErrorCode.PAYLOADEXECUTIONFAILURE,
+            failure=ErrorCode.PAYLOADEXECUTIONFAILURE, status_file=status_file,
         )  # fmt: skip
         record.runtime = launcher.runtimes_used.get("payload")
         cpu_at_start = children_cpu_seconds()
-        status_file = workdir / PAYLOAD_STATUS_FILE
+        # a status left by an earlier run here (an HPO pass) must not pass for this one's
+        await ctx.env.in_thread(status_file.unlink, missing_ok=True)
         if ctx.journal is not None:
             await ctx.journal.payload_starting(status_file)
         try:
@@ -106,7 +109,8 @@ class PayloadRun:
         ctx.payload = process
         ctx.control.track(process)
         if ctx.journal is not None:
-            ctx.journal.payload_started(pid, pid, None, status_file)
+            identity = await ctx.env.in_thread(process_identity, pid)
+            ctx.journal.payload_started(pid, pid, identity.to_json() if identity else None, status_file)
         await self._start_monitor(workdir, pid)
         log.info(
             "job {pandaid}: payload started as pid {pid}",
