@@ -194,14 +194,15 @@ def start_pilot_process(
     proxy: str,
     workdir: Path,
     log_path: Path,
+    extra_env: Mapping[str, str] | None = None,
 ) -> ManagedProcess:
-    """Start ``twistd -n pilot <args>`` with ``X509_USER_PROXY=proxy``."""
+    """Start ``twistd -n pilot <args>`` with ``X509_USER_PROXY=proxy`` (and ``extra_env``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     process = ManagedProcess(
         spawner,
         clock,
         twistd_argv("pilot", *args),
-        env=child_environment({"X509_USER_PROXY": proxy}),
+        env=child_environment({"X509_USER_PROXY": proxy, **(extra_env or {})}),
         cwd=workdir,
         stdout=log_path,
         stderr=log_path,

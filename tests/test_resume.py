@@ -84,7 +84,7 @@ class ResumeAfterSigkillTests(TestCase):
             "scopeLog": "mc.log",
         }
 
-    def pilot_process(self, log_name: str) -> Any:
+    def pilot_process(self, log_name: str, env: dict[str, str] | None = None) -> Any:
         """``twistd -n pilot`` with the same command every time (a batch system's restart)."""
         args = pilot_arguments(
             self.server.url,
@@ -101,6 +101,7 @@ class ResumeAfterSigkillTests(TestCase):
             proxy=str(self.server.pki.client_proxy),
             workdir=self.workdir,
             log_path=self.base / log_name,
+            extra_env=env,
         )
 
     async def first_pilot_killed_while_the_payload_runs(self, into_payload: float = 0.0) -> int:
@@ -169,6 +170,39 @@ class ResumeAfterSigkillTests(TestCase):
         final = _update_time(view["updates"][-1]["time"])
         self.assertLess(final - restarted, 10.0, "reported within 10 s of the restart")
         self.assertEqual(len((self.marks / "starts").read_text().split()), 1, "never run again")
+
+    async def test_a_copytool_left_running_is_stopped_and_the_output_stored_once(self) -> None:
+        # the first pilot dies while a (slow) cp uploads the output; in its own session the cp
+        # would finish later and nothing would ever report it: the successor stops it first
+        slowbin = self.base / "slowbin"
+        slowbin.mkdir()
+        (slowbin / "cp").write_text(
+            f'#!/bin/sh\necho $$ > {self.marks}/cp-started\nsleep 60\ntouch {self.marks}/cp-done\nexec /bin/cp "$@"\n'
+        )
+        (slowbin / "cp").chmod(0o755)
+        (panda_id,) = await self.server.submit(self.job(0.1))
+        env = {"PATH": f"{slowbin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        pilot = self.pilot_process("pilot-1.log", env=env)
+        await file_ready(self.marks / "cp-started")
+        (journal,) = list(journal_dir(self.workdir).glob("*.jsonl"))
+        await file_ready(journal, ready=lambda p: '"kind":"copytool.started"' in p.read_text())
+        cp_pid = int((self.marks / "cp-started").read_text())
+        assert pilot.pid is not None
+        os.kill(pilot.pid, signal.SIGKILL)
+        await pilot.wait()
+        self.assertTrue(_alive(cp_pid), "the copytool outlives its pilot")
+        outcome = await self.pilot_process("pilot-2.log").wait()
+        self.assertEqual(outcome.exit_code, 0, (self.base / "pilot-2.log").read_text()[-3000:])
+        await processes_gone([cp_pid])
+        self.assertFalse((self.marks / "cp-done").exists(), "the orphaned upload was stopped")
+        view: Any = await self.server.job(panda_id)
+        summary = json.loads((self.base / "summary.json").read_text())["jobs"][0]
+        self.assertEqual(view["jobStatus"], "finished", summary["pilot_error_diag"])
+        self.assertTrue(any(c.startswith("resumed:stopped-copytool") for c in summary["commands"]))
+        stored = self.storage_dir / rucio_path("mc.out", "out.dat").lstrip("/")
+        self.assertEqual(stored.read_text(), "result\n")
+        finals = [u for u in view["updates"] if u["state"] in ("finished", "failed")]
+        self.assertEqual(len(finals), 1, "one final update")
 
 
 def _alive(pid: int) -> bool:

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from pilot.logs import pilot_observer
 from pilot.model.processes import ProcessOutcome
+from pilot.process.identity import process_identity
 from pilot.server.client import JobUpdate
 from pilot.util.journal import Journal
 from pilot.util.threads import ThreadRunner
@@ -130,6 +131,20 @@ class JobJournal:
             started=outcome.started,
             ended=outcome.ended,
         )
+
+    async def copytool_started(self, pid: int, tool: str, lfn: str) -> None:
+        """A copytool's process: its own session, so it outlives the pilot; a successor stops it."""
+        identity = await self._in_thread(process_identity, pid)
+        await self._append(
+            "copytool.started",
+            pid=pid,
+            tool=tool,
+            lfn=lfn,
+            identity=identity.to_json() if identity is not None else None,
+        )
+
+    def copytool_ended(self, pid: int) -> Deferred[None]:
+        return self._append("copytool.ended", pid=pid)
 
     def final_sent(self, state: str, update: JobUpdate) -> Deferred[None]:
         """The final update (redacted), durably, before it goes out: a successor can send it again."""

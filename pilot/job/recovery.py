@@ -16,6 +16,8 @@ what the journal shows                     what the successor does
   (same identity)                          heartbeats, waits, then as above
 ``payload.started``, process gone,         takes the recorded status, then as above
   status file written
+``copytool.started``, not ended             stops it first (its process group, if it is
+                                           still that process), whatever else follows
 ``payload.starting``/``started``, no       reports the job failed (PREEMPTION): the
   process, no status (a reboot)            payload's end is unknown, it is not rerun
 before the payload                         reports the job failed (PREEMPTION): the
@@ -58,6 +60,8 @@ class JournaledJob:
     payload_ended: dict[str, Any] | None = None
     final_sent: dict[str, Any] | None = None
     final_acked: bool = False
+    #: Copytool processes started and not known to have ended, by pid (``copytool.started``).
+    copytools: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def status_file(self) -> Path | None:
@@ -98,6 +102,10 @@ def journaled_jobs(entries: Iterable[Mapping[str, Any]]) -> list[JournaledJob]:
             job.final_sent = dict(entry)
         elif kind == "final.acked":
             job.final_acked = True
+        elif kind == "copytool.started" and isinstance(entry.get("pid"), int):
+            job.copytools[entry["pid"]] = dict(entry)
+        elif kind == "copytool.ended":
+            job.copytools.pop(entry.get("pid"), None)  # type: ignore[arg-type]
     return list(jobs.values())
 
 

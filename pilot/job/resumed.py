@@ -89,6 +89,7 @@ class ResumedJob:
 
     async def run(self) -> JobSummary:
         env, journaled = self.env, self.journaled
+        await self._stop_orphaned_copytools()
         status_file = journaled.status_file
         status = await env.in_thread(read_status, status_file) if status_file is not None else None
         adopted = self._adoptable()
@@ -118,6 +119,41 @@ class ResumedJob:
                 else "the pilot that ran the job died, and how its payload ended is unknown"
             )
         return await self._finish(definition, journaled.workdir, adopted, status)
+
+    async def _stop_orphaned_copytools(self) -> None:
+        """Copytools the dead pilot left running (own sessions): stopped before anything else.
+
+        An upload still going on would race this pilot's own stage-out, and nothing would
+        ever report what it did; the stage-out that follows copies and verifies again.
+        """
+        for pid, started in self.journaled.copytools.items():
+            try:
+                orphan = AdoptedProcess.adopt(
+                    pid=pid,
+                    pgid=pid,
+                    identity=started.get("identity"),
+                    status_file=Path("/nonexistent/txpilot-copytool"),
+                    clock=self.env.clock,
+                    reactor=cast(IReactorFDSet, self.env.spawner),
+                    kill_grace=self.env.config.kill_grace,
+                    name=f"copytool {started.get('tool')}",
+                    in_thread=self.env.in_thread,
+                    control=self.env.process_control,
+                )
+            except (TypeError, ValueError, OSError):
+                continue
+            if orphan is None:
+                continue  # ended meanwhile, or not that process any more
+            log.warn(
+                "job {pandaid}: stopping copytool {tool} (pid {pid}) left by the dead pilot for {lfn}",
+                pandaid=self.journaled.panda_id,
+                tool=started.get("tool"),
+                pid=pid,
+                lfn=started.get("lfn"),
+                event="resume.copytool",
+            )
+            self.summary.commands.append(f"resumed:stopped-copytool:{started.get('lfn')}")
+            await orphan.terminate("a copytool of a dead pilot")
 
     # -- the payload -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ destination (``surl``, ``endpoint``).  Without a stage-out configuration (no
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -149,6 +149,10 @@ class JobStaging:
         self._engine: StagingEngine | None = None
         self._in_thread = in_thread
 
+    #: Called with each copytool process started (pid, tool, lfn) and ended (pid): the journal.
+    tool_started: Callable[[int, str, str], None] | None = None
+    tool_ended: Callable[[int], None] | None = None
+
     @property
     def engine(self) -> StagingEngine:
         """The staging engine, made (and its modules imported) when a job first moves a file.
@@ -172,6 +176,8 @@ class JobStaging:
                 control=self._control,
                 wrap_in=self._wrap_in,
                 wrap_out=self._wrap_out,
+                on_started=self.tool_started,
+                on_ended=self.tool_ended,
                 setup={
                     "trace": {
                         "pq": queuedata.name,

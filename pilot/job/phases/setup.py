@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 
@@ -114,6 +115,16 @@ def attach_tools(ctx: JobContext, workdir: Path) -> None:
         wrap_in=ctx.launcher.copytool_wrapper("stagein"),
         wrap_out=ctx.launcher.copytool_wrapper("stageout"),
     )
+    journal = ctx.journal
+    if journal is not None:
+
+        def started(pid: int, tool: str, lfn: str) -> None:
+            Deferred.fromCoroutine(journal.copytool_started(pid, tool, lfn))  # logs its own failures
+
+        def ended(pid: int) -> None:
+            journal.copytool_ended(pid)
+
+        ctx.staging.tool_started, ctx.staging.tool_ended = started, ended
 
 
 def start_heartbeat(ctx: JobContext) -> None:

@@ -43,6 +43,10 @@ class ToolContext:
     #: roles ``stagein``/``stageout``); None: commands run on the host.
     wrap_in: CommandWrapper | None = None
     wrap_out: CommandWrapper | None = None
+    #: Told of every copytool process started (pid, tool, lfn) and ended (pid): the job's
+    #: journal, so that a successor of a pilot that dies can stop what it left running.
+    on_started: Callable[[int, str, str], None] | None = None
+    on_ended: Callable[[int], None] | None = None
     _serial: list[int] = field(default_factory=lambda: [0])
 
     def next_log(self, tool: str, lfn: str) -> Path:
@@ -112,11 +116,16 @@ async def run_command(
         raise TransferError(
             ErrorCode.STAGEINFAILED if request.stage_in else ErrorCode.STAGEOUTFAILED, str(exc)
         ) from None
+    if context.on_started is not None and process.pid is not None:
+        context.on_started(process.pid, tool, request.lfn)
     try:
         outcome = await process.wait()
     except CancelledError:
         await process.terminate("transfer cancelled")
         raise
+    finally:
+        if context.on_ended is not None and process.pid is not None:
+            context.on_ended(process.pid)
     output = await context.in_thread(_read_tail, log)
     return CommandOutput(outcome.exit_code, outcome.signal, output)
 
