@@ -54,6 +54,35 @@ class JournalFileTests(TestCase):
         self.assertLess(journal.fsyncs, 50, "entries queued together share an fsync")
         self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
 
+    async def test_a_transfer_is_journaled_without_local_paths(self) -> None:
+        from pilot.job.journal import JobJournal
+        from pilot.staging.record import RecordEntry
+
+        path = Path(self.mktemp()) / "journal" / "p.jsonl"
+        journal = Journal(path, in_thread)
+        await in_thread(journal.open)
+        self.addCleanup(journal.close, remove=False)
+        entry = RecordEntry(
+            "out",
+            "out.dat",
+            "mc.out",
+            7,
+            "0bcc02aa",
+            "cp",
+            "file:///se/out.dat",
+            "SITE_A",
+            "/work/out.dat",
+            0.1,
+            1.0,
+        )
+        await JobJournal(journal, in_thread, 42).transfer_done(entry)
+        (written,) = read_journal(path)
+        JOURNAL_SCHEMA.validate(written)
+        self.assertEqual(
+            (written["kind"], written["panda_id"], written["adler32"]), ("transfer.done", 42, "0bcc02aa")
+        )
+        self.assertNotIn("local", written)
+
     async def test_a_torn_last_line_is_skipped(self) -> None:
         path = Path(self.mktemp())
         path.write_bytes(b'{"seq":1,"kind":"a"}\n{"seq":2,"kind":"b"}\n{"seq":3,"ki')

@@ -58,6 +58,10 @@ def _write_private(path: Path, document: Mapping[str, Any]) -> None:
     temporary.replace(path)
 
 
+#: What a ``transfer.done`` entry keeps of a transfer record entry (no local paths).
+_TRANSFER_FIELDS = ("direction", "lfn", "scope", "size", "adler32", "tool", "remote", "endpoint", "seconds")
+
+
 class JobJournal:
     """One job's entries in the pilot's journal.
 
@@ -142,6 +146,11 @@ class JobJournal:
             lfn=lfn,
             identity=identity.to_json() if identity is not None else None,
         )
+
+    def transfer_done(self, entry: Any) -> Deferred[None]:
+        """A finished transfer as the transfer record keeps it (direction, lfn, size, adler32...)."""
+        fields = {k: v for k, v in asdict(entry).items() if k in _TRANSFER_FIELDS}
+        return self._append("transfer.done", **fields)
 
     def copytool_ended(self, pid: int) -> Deferred[None]:
         return self._append("copytool.ended", pid=pid)

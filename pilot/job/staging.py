@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from treq.client import HTTPClient
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -152,6 +152,8 @@ class JobStaging:
     #: Called with each copytool process started (pid, tool, lfn) and ended (pid): the journal.
     tool_started: Callable[[int, str, str], None] | None = None
     tool_ended: Callable[[int], None] | None = None
+    #: Called with each transfer the record keeps (the journal's ``transfer.done``).
+    transfer_done: Callable[[Any], object] | None = None
 
     @property
     def engine(self) -> StagingEngine:
@@ -191,6 +193,8 @@ class JobStaging:
                 if setup.records_dir is not None
                 else None
             )
+            if record is not None:
+                record.on_append = self.transfer_done
             self._engine = StagingEngine(
                 setup.registry,
                 context,

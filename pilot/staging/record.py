@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,13 @@ class TransferRecord:
             entries[(entry.direction, entry.lfn)] = entry
         return entries
 
+    #: Told of every entry once it is on disk (the pilot's journal keeps each transfer too).
+    on_append: Callable[[RecordEntry], object] | None = None
+
     async def append(self, entry: RecordEntry) -> None:
         await self._in_thread(self._append_sync, json.dumps(asdict(entry), sort_keys=True))
+        if self.on_append is not None:
+            self.on_append(entry)
 
     def _append_sync(self, line: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,7 @@ def attach_tools(ctx: JobContext, workdir: Path) -> None:
             journal.copytool_ended(pid)
 
         ctx.staging.tool_started, ctx.staging.tool_ended = started, ended
+        ctx.staging.transfer_done = journal.transfer_done
 
 
 def start_heartbeat(ctx: JobContext) -> None:
