@@ -26,7 +26,7 @@ from pilot.devserver.server import DevServer, start_dev_server
 from pilot.util.journal import Journal, claim_orphans, journal_dir, read_journal
 
 from .events import file_ready
-from .harness import bash_job, pilot_service
+from .harness import bash_job, pilot_service, run_to_end
 
 reactor: Any = _reactor
 QUEUE = "JOURNAL_QUEUE"
@@ -220,6 +220,16 @@ class PilotJournalTests(TestCase):
         self.assertFalse(entries[-1]["complete"])
         for entry in entries:
             JOURNAL_SCHEMA.validate(entry)
+        # the server is back; the next pilot on this work area delivers the update, once
+        port = self.server.port
+        self.server = await start_dev_server(reactor, self.base / "server", port=port, queues={QUEUE: {}})
+        successor = pilot_service(self.server, QUEUE, pilot_dir, getjob_requests=1)
+        await run_to_end(successor)
+        view: Any = await self.server.job(panda_id)
+        self.assertEqual(view["jobStatus"], "finished")
+        self.assertIn("resumed:resend-final", successor.summaries[0].commands)
+        self.assertEqual([u["state"] for u in view["updates"]].count("finished"), 1)
+        self.assertEqual(list(journal_dir(pilot_dir).glob("*.jsonl")), [], "delivered: no journal left")
 
 
 def _session_leader(pid: int) -> int:
