@@ -20,8 +20,9 @@ from pilot.util.records import record
 #: PanDA truncates ``pilotErrorDiag``; we never send more than this.
 MAX_DIAG_LENGTH = 256
 
-#: Stage-out style failures: the job is reported ``holding`` so that the server
-#: can recover its outputs later instead of failing the job outright.
+#: Stage-out style failures: the job is reported ``holding`` (when the pilot stored
+#: nothing; see ``final_server_state``) so that the server can recover it later
+#: instead of failing it outright.
 RECOVERABLE_CODES: frozenset[ErrorCode] = frozenset(
     {
         ErrorCode.STAGEOUTFAILED,

@@ -103,6 +103,13 @@ class LoopingDetectorTests(SynchronousTestCase):
         self.assertEqual(idle, 1800.0)
         self.assertFalse(detector.is_looping(idle))
 
+    def test_a_step_before_the_first_pass_is_not_idle_time(self) -> None:
+        # the wall clock stepped 3 h forward between the payload's start and the first pass
+        detector = LoopingDetector(limit=7200, interval=900)
+        idle = detector.observe(900.0 + 3 * 3600, newest_mtime=0.0, started=0.0)
+        self.assertEqual(idle, 900.0)
+        self.assertFalse(detector.is_looping(idle))
+
     def test_suspension_before_the_last_modification_does_not_count(self) -> None:
         detector = LoopingDetector(limit=7200, interval=900)
         detector.observe(900.0, newest_mtime=0.0, started=0.0)

@@ -54,6 +54,11 @@ class TransitionTableTests(SynchronousTestCase):
         self.assertEqual(final_server_state(P.FINISHED, errors), S.FINISHED)
         errors.record(ErrorCode.STAGEOUTFAILED, "put failed")
         self.assertEqual(final_server_state(P.FAILED, errors), S.HOLDING, "recoverable: the server may retry")
+        self.assertEqual(
+            final_server_state(P.FAILED, errors, stored_files=True),
+            S.FAILED,
+            "a holding update's report is dropped: a stored log must go with a failed one",
+        )
         other = JobErrors()
         other.record(ErrorCode.PAYLOADEXECUTIONFAILURE)
         self.assertEqual(final_server_state(P.FAILED, other), S.FAILED)

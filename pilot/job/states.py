@@ -61,12 +61,18 @@ class InvalidTransition(Exception):
     """A transition that is not in ``TRANSITIONS``: a bug in the pilot, never the job's fault."""
 
 
-def final_server_state(phase: JobPhase, errors: JobErrors) -> ServerState:
-    """The state of a job's final update."""
+def final_server_state(phase: JobPhase, errors: JobErrors, *, stored_files: bool = False) -> ServerState:
+    """The state of a job's final update.
+
+    A recoverable (stage-out) failure is ``holding`` only when the pilot stored nothing:
+    the server keeps the job output report of ``finished``/``failed`` updates alone, so
+    a ``holding`` update would leave a stored log tarball unregistered on storage.
+    With ``stored_files`` the job is ``failed`` with the same (retriable) error code.
+    """
     if phase is JobPhase.FINISHED:
         return ServerState.FINISHED
     first = errors.first
-    if first is not None and first.recoverable:
+    if first is not None and first.recoverable and not stored_files:
         return ServerState.HOLDING
     return ServerState.FAILED
 

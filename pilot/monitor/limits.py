@@ -78,11 +78,15 @@ class LoopingDetector:
     _suspensions: list[tuple[float, float]] = field(default_factory=list)  # (when, how long)
 
     def observe(self, now: float, newest_mtime: float, started: float) -> float:
-        """Record a pass; return the payload's idle time (seconds, suspensions removed)."""
-        if self._last_pass is not None:
-            gap = now - self._last_pass
-            if gap > self.interval * self.slack:
-                self._suspensions.append((now, gap - self.interval))
+        """Record a pass; return the payload's idle time (seconds, suspensions removed).
+
+        The first pass measures its gap from the payload's start, so a suspension (or a
+        wall-clock step) before the first pass is allowed for like any later one.
+        """
+        previous = self._last_pass if self._last_pass is not None else started
+        gap = now - previous
+        if gap > self.interval * self.slack:
+            self._suspensions.append((now, gap - self.interval))
         self._last_pass = now
         reference = max(newest_mtime, started)
         suspended = sum(length for when, length in self._suspensions if when > reference)

@@ -59,11 +59,6 @@ class ClockJumpTests(FaultCase):
         )
         await self.jump_during_the_payload(3 * 3600.0)
 
-    test_forward_during_the_payload.todo = (  # type: ignore[attr-defined]
-        "known pilot bug: the looping check's first pass counts the step as idle time (its"
-        " suspension allowance needs a previous pass) and kills the payload as LOOPINGJOB"
-    )
-
     async def test_back_during_the_payload(self) -> None:
         self.scenario(
             "clock steps back 1 h during the payload",

@@ -147,7 +147,7 @@ class FinishPhase:
         ctx.advance(JobPhase.FAILED if ctx.errors or ctx.control.aborted else JobPhase.FINISHED)
         for pending in ctx.pending:
             await pending
-        final = final_server_state(ctx.lifecycle.phase, ctx.errors)
+        final = final_server_state(ctx.lifecycle.phase, ctx.errors, stored_files=bool(ctx.reported))
         await deliver_final(
             ctx.updates,
             final,
