@@ -119,6 +119,11 @@ class LoopingDetectorTests(SynchronousTestCase):
 
 
 class RedactionTests(SynchronousTestCase):
+    def test_words_that_only_contain_sig_are_kept(self) -> None:
+        text = "payload got SIGTERM: exit 143\nsignal=15 design: ok\n"
+        self.assertEqual(redact(text), text)
+        self.assertEqual(redact("https://x/blob?sv=1&sig=abcDEF123"), "https://x/blob?sv=1&sig=[REDACTED]")
+
     def test_secrets_are_redacted_and_the_rest_kept(self) -> None:
         jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJwaWxvdCJ9.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
         text = (

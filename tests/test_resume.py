@@ -66,11 +66,11 @@ class ResumeAfterSigkillTests(TestCase):
         self.marks = self.base / "marks"
         self.marks.mkdir()
 
-    def job(self, seconds: float) -> dict[str, Any]:
+    def job(self, seconds: float, before: str = "") -> dict[str, Any]:
         # the payload notes each start outside its work directory (to count runs), then works,
         # writes its output and notes when it ended
         script = (
-            f"echo $$ >> {self.marks}/starts; sleep {seconds}; echo result > out.dat; "
+            f"echo $$ >> {self.marks}/starts; {before}sleep {seconds}; echo result > out.dat; "
             f"date +%s.%N > {self.marks}/ended"
         )
         return {
@@ -170,6 +170,26 @@ class ResumeAfterSigkillTests(TestCase):
         final = _update_time(view["updates"][-1]["time"])
         self.assertLess(final - restarted, 10.0, "reported within 10 s of the restart")
         self.assertEqual(len((self.marks / "starts").read_text().split()), 1, "never run again")
+        left = sorted(p.name for p in self.workdir.glob("txpilot_*"))
+        self.assertEqual(left, [], "the dead pilot's directory (and the lost job's) is removed")
+
+    async def test_what_the_adopted_payload_left_is_swept_by_the_dead_pilots_marker(self) -> None:
+        # a daemon of the payload (own session, TERM ignored) carries only the job's marker:
+        # the successor's final sweep must know the dead pilot's marker to find it
+        script = self.base / "daemon.sh"
+        script.write_text(f'#!/bin/sh\necho $$ > {self.marks}/daemon\ntrap "" TERM\nexec sleep 300\n')
+        script.chmod(0o755)
+        daemon = f"setsid {script} & "
+        (panda_id,) = await self.server.submit(self.job(3.0, before=daemon))
+        await self.first_pilot_killed_while_the_payload_runs()
+        await file_ready(self.marks / "daemon")
+        daemon_pid = int((self.marks / "daemon").read_text())
+        self.addCleanup(_kill_quietly, daemon_pid)
+        outcome = await self.pilot_process("pilot-2.log").wait()
+        self.assertEqual(outcome.exit_code, 0, (self.base / "pilot-2.log").read_text()[-3000:])
+        view: Any = await self.server.job(panda_id)
+        self.assertEqual(view["jobStatus"], "finished", view.get("pilotErrorDiag"))
+        await processes_gone([daemon_pid])
 
     async def test_a_copytool_left_running_is_stopped_and_the_output_stored_once(self) -> None:
         # the first pilot dies while a (slow) cp uploads the output; in its own session the cp
@@ -211,6 +231,13 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _update_time(text: str) -> float:

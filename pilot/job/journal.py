@@ -109,6 +109,10 @@ class JobJournal:
     def workdir(self, path: Path) -> Deferred[None]:
         return self._append("job.workdir", workdir=str(path))
 
+    def scope(self, marker: str) -> Deferred[None]:
+        """The marker every process of the job carries: a successor sweeps what is left by it."""
+        return self._append("job.scope", marker=marker)
+
     def phase(self, phase: str) -> Deferred[None]:
         return self._append("job.phase", phase=phase)
 

@@ -54,6 +54,8 @@ class JournaledJob:
     attempt_nr: int | None = None
     definition: Path | None = None
     workdir: Path | None = None
+    #: The environment marker of the job's processes (``job.scope``).
+    marker: str | None = None
     phases: list[str] = field(default_factory=list)
     payload_starting: dict[str, Any] | None = None
     payload_started: dict[str, Any] | None = None
@@ -90,6 +92,8 @@ def journaled_jobs(entries: Iterable[Mapping[str, Any]]) -> list[JournaledJob]:
             job.workdir = _path(entry.get("workdir")) or job.workdir
         elif kind == "job.workdir":
             job.workdir = _path(entry.get("workdir"))
+        elif kind == "job.scope" and isinstance(entry.get("marker"), str):
+            job.marker = entry["marker"]
         elif kind == "job.phase" and isinstance(entry.get("phase"), str):
             job.phases.append(entry["phase"])
         elif kind == "payload.starting":

@@ -17,6 +17,11 @@ successor can go on from there.
   the final update goes out.
 * ``LOST``: the job is reported failed with PREEMPTION: the payload never started, or
   its end cannot be known (the node rebooted); it is never run again here.
+
+Whatever else of the job is still running (a pre-process, a utility, a coprocess: they
+carry the job's marker, journaled as ``job.scope``) is stopped: on ``LOST``,
+``RESEND_FINAL`` and ``NOTHING`` before the report, on ``FINISH`` and ``ADOPT`` by the
+final sweep of the resumed job's scope, which takes the dead pilot's marker.
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ from pilot.model.job import JobDefinitionError, parse_job
 from pilot.model.processes import ProcessOutcome
 from pilot.model.states import ServerState
 from pilot.process.adopt import AdoptedProcess
+from pilot.process.environment import JOB_MARKER_VARIABLE
 from pilot.process.runner import ManagedProcess
 from pilot.process.supervisor import read_status
+from pilot.process.sweep import sweep
 from pilot.server.client import JobUpdate
 
 log = Logger(observer=pilot_observer)
@@ -103,6 +110,8 @@ class ResumedJob:
             event="resume.decision",
         )
         self.summary.commands.append(f"resumed:{what.value}")
+        if what in (Resumption.NOTHING, Resumption.RESEND_FINAL, Resumption.LOST):
+            await self._sweep_dead_job()
         if what is Resumption.NOTHING:
             self.summary.state = "done-before"
             self.summary.final_update = "delivered"
@@ -155,6 +164,31 @@ class ResumedJob:
             self.summary.commands.append(f"resumed:stopped-copytool:{started.get('lfn')}")
             await orphan.terminate("a copytool of a dead pilot")
 
+    async def _sweep_dead_job(self) -> None:
+        """Stop what the job left running (by its marker), for a job that is not finished here."""
+        marker = self.journaled.marker
+        if marker is None:
+            return
+        env = self.env
+        left = await sweep(
+            f"{JOB_MARKER_VARIABLE}={marker}".encode(),
+            (),
+            in_thread=env.in_thread,
+            clock=env.clock,
+            fdset=cast(IReactorFDSet, env.spawner) if IReactorFDSet.providedBy(env.spawner) else None,
+            grace=env.config.kill_grace,
+            backstop=30.0,
+            label=f"job {self.journaled.panda_id} of a dead pilot",
+        )
+        if left:
+            log.warn(
+                "job {pandaid}: stopped {count} process(es) the dead pilot left running",
+                pandaid=self.journaled.panda_id,
+                count=left,
+                event="resume.swept",
+            )
+            self.summary.commands.append(f"resumed:swept:{left}")
+
     # -- the payload -------------------------------------------------------------------
 
     def _adoptable(self) -> AdoptedProcess | None:
@@ -205,7 +239,7 @@ class ResumedJob:
             await ctx.journal.acquired(definition, job.attempt_nr, workdir)
         for phase in (JobPhase.SETUP, JobPhase.STAGEIN, JobPhase.RUNNING):
             ctx.lifecycle.advance(phase)  # where the dead pilot was; nothing is sent for them
-        attach_tools(ctx, workdir)
+        attach_tools(ctx, workdir, marker=self.journaled.marker)
         start_heartbeat(ctx)
         try:
             if adopted is not None:

@@ -30,6 +30,7 @@ from pilot.queuedata import QueueData
 from pilot.staging.credentials import Credentials
 from pilot.staging.registry import CopytoolRegistry
 from pilot.staging.storage import StorageData
+from pilot.util.disk import is_full
 from pilot.util.records import record
 from pilot.util.threads import ThreadRunner
 
@@ -217,9 +218,10 @@ class JobStaging:
         await self._check_space(plan.transfers)
         await self.engine.run(plan.transfers, stop_on_failure=True)
         self._account(plan.transfers, inbound=True)
-        failure = next((t.error for t in plan.transfers if t.error is not None), None)
-        if failure is not None:
-            raise failure
+        failed = next((t for t in plan.transfers if t.error is not None), None)
+        if failed is not None:
+            assert failed.error is not None
+            raise await self._blame_full_disk(failed.error, failed.size)
         self.staged_in = [t.lfn for t in plan.transfers]
         self.metrics.direct = len(plan.direct)
         self.turls = {d.lfn: d.turl for d in plan.direct}
@@ -238,6 +240,18 @@ class JobStaging:
         free = (await self._in_thread(shutil.disk_usage, self.workdir)).free
         if total > free:
             raise PilotError(ErrorCode.NOLOCALSPACE, f"inputs need {total // _MB} MB, {free // _MB} MB free")
+
+    async def _blame_full_disk(self, error: PilotError, needed: int | None) -> PilotError:
+        """NOLOCALSPACE for a generic copy failure when the file no longer fits.
+
+        A copytool that hits a full disk often says so only in its log, which sits on
+        that same disk and is lost; the free space after the failure is the witness.
+        """
+        if error.code is not ErrorCode.STAGEINFAILED:
+            return error
+        if not await self._in_thread(is_full, self.workdir, needed or 0):
+            return error
+        return PilotError(ErrorCode.NOLOCALSPACE, f"{error.detail} (the work directory's disk is full)")
 
     # -- stage-out -----------------------------------------------------------------
 

@@ -35,8 +35,10 @@ _LINE_RULES: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
     (
         ("token", "secret", "passw", "key", "credential", "sig"),
         re.compile(
-            r"(?i)(\"?[A-Za-z0-9_.-]*(?:token|secret|passw(?:or)?d|passwd|api[_-]?key|access[_-]?key"
-            r"|private[_-]?key|credential|signature|x-amz-signature|sig)[A-Za-z0-9_.-]*\"?\s*[:=]\s*)"
+            r"(?i)(\"?(?:[A-Za-z0-9_.-]*(?:token|secret|passw(?:or)?d|passwd|api[_-]?key|access[_-]?key"
+            r"|private[_-]?key|credential|signature|x-amz-signature)[A-Za-z0-9_.-]*"
+            # "sig" alone is a key (an Azure SAS signature), not a part of one ("SIGTERM:")
+            r"|(?<![A-Za-z0-9_.-])sig)\"?\s*[:=]\s*)"
             r"(\"[^\"]*\"|'[^']*'|[^\s&,;\"']+)"
         ),
         r"\1" + MARK,

@@ -89,11 +89,13 @@ class JobScope:
         backstop: float = 30.0,
         use_cgroups: bool = True,
         limits: Mapping[str, str] = {},
+        marker: str | None = None,
     ) -> None:
         self.panda_id = panda_id
         self.attempt = attempt
-        #: The value of ``TXPILOT_JOB_MARKER`` for this run of the job.
-        self.marker = job_marker(panda_id, attempt)
+        #: The value of ``TXPILOT_JOB_MARKER`` for this run of the job (a successor that
+        #: resumes the job passes the dead pilot's, so that its final sweep finds them too).
+        self.marker = marker or job_marker(panda_id, attempt)
         self._spawner = spawner
         self._clock = clock
         self._in_thread = _inline_when_stopped(in_thread)

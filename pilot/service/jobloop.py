@@ -33,7 +33,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from pilot import __version__
-from pilot.config import PilotConfig
+from pilot.config import KeepWorkdirs, PilotConfig
 from pilot.errorcodes import ErrorCode
 from pilot.errors import ExitCode, PilotError, exit_code_for
 from pilot.interfaces import IEventSource, IExperiment, IJobReporter, IJobSource
@@ -50,7 +50,13 @@ from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
 from pilot.queuedata import QueueData, parse_queuedata
 from pilot.server.client import PandaClient, ServerError, ServerRefused, StatusCode
 from pilot.server.downloads import DownloadCache
-from pilot.service.journaling import all_delivered, claim_dead_journals, close_journal, open_journal
+from pilot.service.journaling import (
+    all_delivered,
+    claim_dead_journals,
+    close_journal,
+    open_journal,
+    remove_dead_pilot_dir,
+)
 from pilot.service.requests import job_request, node_resources, pilot_identity
 from pilot.staging.storage import StorageData
 from pilot.util.deferreds import OneShot
@@ -268,7 +274,7 @@ class JobLoop(Service):
         if self.config.journal:
             self.journal = await open_journal(
                 self.config.workdir, self._in_thread, self.config.node or "node", self._wall(),
-                self._wall, queue=self.config.queue,
+                self._wall, queue=self.config.queue, pilot_dir=str(self.pilot_dir),
             )  # fmt: skip
         try:
             await self._resume_dead_pilots()
@@ -455,6 +461,8 @@ class JobLoop(Service):
                     break
                 await self._run_tracked(ResumedJob(self._environment(), journaled))
             finished = all_delivered(self.summaries[done_before:]) and self._stop_code is None
+            if finished and self.config.keep_workdirs is KeepWorkdirs.NONE:
+                await self._in_thread(remove_dead_pilot_dir, claimed, self.config.workdir.absolute())
             await self._in_thread(claimed.release, remove=finished)
 
     async def _run_tracked(self, run: JobRun | ResumedJob) -> None:

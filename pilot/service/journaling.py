@@ -10,6 +10,7 @@ past the deadline) keeps it, and its successor sends the update.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -74,6 +75,23 @@ async def close_journal(journal: Journal, summaries: Sequence[JobSummary], in_th
             path=str(journal.path),
             event="journal.kept",
         )
+
+
+def remove_dead_pilot_dir(claimed: ClaimedJournal, base: Path) -> None:
+    """The dead pilot's own directory, once its jobs are settled (blocking).
+
+    Only a ``txpilot_*`` directory directly in the work area ``base`` is removed: the
+    path comes from a file, and a file is never trusted to name what to delete.
+    """
+    started = next((e for e in claimed.entries() if e.get("kind") == "pilot.started"), None)
+    named = started.get("pilot_dir") if started is not None else None
+    if not isinstance(named, str):
+        return
+    path = Path(named)
+    if path.parent != base or not path.name.startswith("txpilot_") or path.is_symlink():
+        return
+    log.info("removing the directory of a pilot that is gone: {path}", path=named, event="resume.cleanup")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def claim_dead_journals(base: Path, own: Path | None) -> list[ClaimedJournal]:

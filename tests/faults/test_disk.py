@@ -52,11 +52,6 @@ class FullDiskTests(FaultCase):
             checks=[(partial == [], f"partial input left: {partial}")],
         )
 
-    test_during_stage_in.todo = (  # type: ignore[attr-defined]
-        "known pilot bug: the copytool's 'No space left on device' goes to its log in the job's"
-        " directory, on the full disk, so it is lost and the failure is classified STAGEINFAILED"
-    )
-
     async def test_while_the_payload_writes_its_output(self) -> None:
         self.scenario(
             "disk full while the payload writes its output",
@@ -69,11 +64,6 @@ class FullDiskTests(FaultCase):
         service = self.pilot(monitor=SMALL_DISK)
         await run_to_end(service)
         await self.verdict(panda_id, state="failed", error=ErrorCode.NOLOCALSPACE, outputs=self.stored_logs())
-
-    test_while_the_payload_writes_its_output.todo = (  # type: ignore[attr-defined]
-        "known pilot bug: a payload failing on a full disk is blamed on the payload; its stderr"
-        " (on that disk) is lost and the free-space check runs only every 60 s, not at its end"
-    )
 
     async def test_at_log_tarball_creation(self) -> None:
         self.scenario(

@@ -148,11 +148,6 @@ class SigkillAndRestartTests(FaultCase):
             checks=[*checks, (self.runs() == 0, f"the payload ran {self.runs()} times")],
         )
 
-    test_during_the_preprocess.todo = (  # type: ignore[attr-defined]
-        "known pilot bug: the dead pilot's pre-process (in its own session) is not journaled,"
-        " and the successor stops only journaled copytools: it is left running"
-    )
-
     async def test_while_the_payload_runs(self) -> None:
         self.scenario(
             "SIGKILL while the payload runs, restart",

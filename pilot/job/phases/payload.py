@@ -35,6 +35,7 @@ from pilot.monitor.watcher import JobMonitor, Limits
 from pilot.process.identity import process_identity
 from pilot.process.runner import ManagedProcess, ProcessStartError
 from pilot.process.utility import Utility
+from pilot.util.disk import is_full
 
 log = Logger(observer=pilot_observer)
 
@@ -65,6 +66,12 @@ async def judge_payload(ctx: JobContext, outcome: ProcessOutcome, workdir: Path)
         found = ctx.analysis.pilot_error
         if found is not None:
             raise PilotError(found[0], found[1])
+        if await ctx.env.in_thread(is_full, workdir):
+            # its "No space left on device" went to a log on the full disk
+            raise PilotError(
+                ErrorCode.NOLOCALSPACE,
+                f"payload exited with code {outcome.exit_code} with the work directory's disk full",
+            )
         raise PilotError(ErrorCode.PAYLOADEXECUTIONFAILURE, f"payload exited with code {outcome.exit_code}")
 
 

@@ -68,6 +68,8 @@ class SetupPhase:
         attach_tools(ctx, workdir)
         assert ctx.launcher is not None and ctx.launcher.scope is not None
         await ctx.launcher.scope.open()  # the job's cgroup, before any of its processes starts
+        if ctx.journal is not None:  # before any of them starts: a successor sweeps by it
+            await ctx.journal.scope(ctx.launcher.scope.marker)
         if state is not None:
             ctx.control.check()
             await ctx.send(state)
@@ -96,12 +98,15 @@ class SetupPhase:
             )
 
 
-def attach_tools(ctx: JobContext, workdir: Path) -> None:
-    """The job's process launcher and staging, for ``workdir`` (a new job's, or a resumed one's)."""
+def attach_tools(ctx: JobContext, workdir: Path, *, marker: str | None = None) -> None:
+    """The job's process launcher and staging, for ``workdir`` (a new job's, or a resumed one's).
+
+    ``marker``: the job's process marker, when a successor resumes a dead pilot's job.
+    """
     env, job = ctx.env, ctx.job
     ctx.workdir = workdir
     ctx.summary.workdir = str(workdir)
-    ctx.launcher = _launcher(ctx, workdir)
+    ctx.launcher = _launcher(ctx, workdir, marker)
     ctx.staging = JobStaging(
         job,
         workdir,
@@ -148,9 +153,10 @@ def _fdset(env: JobEnvironment) -> IReactorFDSet | None:
     return None
 
 
-def _scope(ctx: JobContext) -> JobScope:
+def _scope(ctx: JobContext, marker: str | None) -> JobScope:
     env, job = ctx.env, ctx.job
     return JobScope(
+        marker=marker,
         panda_id=job.panda_id,
         attempt=job.attempt_nr,
         spawner=env.spawner,
@@ -163,7 +169,7 @@ def _scope(ctx: JobContext) -> JobScope:
     )
 
 
-def _launcher(ctx: JobContext, workdir: Path) -> ProcessLauncher:
+def _launcher(ctx: JobContext, workdir: Path, marker: str | None) -> ProcessLauncher:
     env = ctx.env
     credentials = env.config.credentials
     # the pilot's directory (its logs, other jobs) and its own credentials
@@ -182,5 +188,5 @@ def _launcher(ctx: JobContext, workdir: Path) -> ProcessLauncher:
         gate=ctx.control.check,
         in_thread=env.in_thread,
         output_mode=env.config.modes.file,
-        scope=_scope(ctx),
+        scope=_scope(ctx, marker),
     )
