@@ -39,10 +39,13 @@ class CgroupMode(Enum):
 
 @record(frozen=True)
 class HarvesterFiles:
-    """Harvester's hand-over files (pilot3's ``--harvester-*`` options), for the Harvester mode.
+    """Harvester's and ARC's hand-over files (pilot3's ``-z`` and ``--harvester-*`` options).
 
-    txpilot reads none of them yet; they are kept so that a file-based job source and
-    reporter can be added without another round of option plumbing.
+    ``mode`` says where jobs come from and updates go (``pilot.source``): ``server``
+    (the PanDA server; under Harvester's pull mode the pilot also keeps Harvester's
+    heartbeat and kill files in ``workdir``), ``harvester`` (Harvester's shared files in
+    ``workdir``: push mode, or ``-z`` with a Harvester directory) or ``arc`` (``-z``
+    without one: the job from ``pandaJobData.out``, updates to ``heartbeat.json``).
     """
 
     submit_mode: str = "PULL"
@@ -50,6 +53,25 @@ class HarvesterFiles:
     datadir: Path | None = None
     event_status_dump: Path | None = None
     worker_attributes: Path | None = None
+    no_server_update: bool = False
+    #: How often the pilot looks for Harvester's answers (seconds).
+    interval: float = 10.0
+    #: How long one request for a job waits for Harvester before it counts as "no job".
+    job_wait: float = 600.0
+    kill_worker: str = "kill_worker.json"
+
+    @property
+    def mode(self) -> str:
+        if self.workdir is not None and (self.submit_mode == "PUSH" or self.no_server_update):
+            return "harvester"
+        if self.no_server_update:
+            return "arc"
+        return "server"
+
+    @property
+    def offline(self) -> bool:
+        """Jobs and updates go through files: the pilot opens no network connection at all."""
+        return self.mode != "server"
 
 
 @record(frozen=True)

@@ -56,6 +56,7 @@ from pilot.service import HANDLED_SIGNALS, PilotService
 from pilot.service.credentials import CredentialRefresh
 from pilot.service.jobloop import make_pilot_dir
 from pilot.service.pools import BLOCKING_THREADS, CHECKSUM_THREADS, PoolService
+from pilot.source.modes import file_exchange
 from pilot.staging.credentials import Credentials as StagingCredentials
 from pilot.staging.storage import StorageData
 from pilot.util.hardening import hide_argv_values, make_undumpable, scrub_environment
@@ -160,8 +161,10 @@ def makeService(options: PilotOptions) -> IService:
         auth_origin=config.credentials.auth_origin,
     )
     token = TokenAuth(own.token_file, own.auth_origin) if own.token_file is not None else None
+    offline = config.harvester.offline
     try:
-        policy = PilotTLSPolicy(own, present_proxy=token is None)
+        # in a file mode no connection is made: a missing proxy is no reason to stop
+        policy = PilotTLSPolicy(own, present_proxy=token is None and not offline)
     except CredentialError as exc:
         _fail(str(exc), ExitCode.NOPROXY)
     server = ServerConnection(
@@ -181,8 +184,18 @@ def makeService(options: PilotOptions) -> IService:
     in_thread = blocking.runner
     # server names are resolved in the pilot's own pool: no thread of the reactor's pool
     reactor.installNameResolver(PoolResolver(in_thread))
+    exchange = file_exchange(
+        config.harvester,
+        config.workdir.absolute(),
+        clock=reactor,
+        in_thread=in_thread,
+        file_mode=config.modes.file,
+    )
+    storage_data = config.storagedata or StorageData()
+    if exchange is not None and exchange.source is not None:
+        storage_data = StorageData({**storage_data.endpoints, **exchange.storage.endpoints})
     staging = StagingSetup(
-        storage=config.storagedata or StorageData(),
+        storage=storage_data,
         http=storage.http,
         credentials=StagingCredentials(environ, secrets=secrets),
         tool_env=copytool_environment(environ, proxy=own.proxy, token_file=copies.get("bearer")),
@@ -209,7 +222,11 @@ def makeService(options: PilotOptions) -> IService:
             PoolService(blocking),
             PoolService(checksums),
             CredentialRefresh(private, reactor, in_thread),
+            *([exchange.worker] if exchange is not None and exchange.worker is not None else []),
         ],
+        source=exchange.source if exchange is not None else None,
+        reporter=exchange.source if exchange is not None else None,
+        adjust_queuedata=exchange.adjust_queuedata if exchange is not None and exchange.source else None,
     )
     reactor.callWhenRunning(_install_signal_handlers, service)
     atexit.register(_exit_with_code, service)

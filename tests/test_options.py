@@ -195,7 +195,7 @@ class OptionTests(OptionTestCase):
 #: submission templates, ARC): (description, line, environment).
 GRID_PULL = (
     "-q CERN-PROD_UCORE -r CERN-PROD_UCORE -s CERN-PROD -j managed -i PR --pilot-user generic -w generic "
-    "--url https://pandaserver.cern.ch --port 25443 --job-type managed --resource-type SCORE -z "
+    "--url https://pandaserver.cern.ch --port 25443 --job-type managed --resource-type SCORE "
     "--harvester-submit-mode PULL --queuedata-url https://cric.example.org/cache/schedconfig/CERN-PROD_UCORE.json"
 )
 HARVESTER_PUSH = (
@@ -247,9 +247,10 @@ class Pilot3CommandLineTests(OptionTestCase):
         self.assertEqual(
             config.queuedata_source, "https://cric.example.org/cache/schedconfig/CERN-PROD_UCORE.json"
         )
-        self.assertEqual((config.update_server, config.harvester.submit_mode), (False, "PULL"))
-        self.assertEqual(len(config.notices), 2, config.notices)
-        self.assertNoticesName(config.notices, "-r/--resource, -s/--site", "-z/--noserverupdate")
+        self.assertEqual((config.harvester.mode, config.harvester.submit_mode), ("server", "PULL"))
+        self.assertTrue(config.report_worker_node)
+        self.assertEqual(len(config.notices), 1, config.notices)
+        self.assertNoticesName(config.notices, "-r/--resource, -s/--site")
 
     def test_harvester_push_wrapper(self) -> None:
         environ = {"HARVESTER_ID": "cern_harvester", "HARVESTER_WORKER_ID": "17"}
@@ -271,10 +272,10 @@ class Pilot3CommandLineTests(OptionTestCase):
                 Path("/var/harvester/w17/worker_attributes.json"),
             ),
         )
-        self.assertNoticesName(
-            config.notices, "-z/--noserverupdate", "--harvester-submit-mode PUSH", "--harvester-workdir",
-            "-t/--noproxyverification", "-r/--resource",
-        )  # fmt: skip
+        self.assertEqual((harvester.mode, harvester.offline), ("harvester", True))
+        self.assertFalse(config.report_worker_node, "no network in push mode")
+        self.assertNoticesName(config.notices, "-t/--noproxyverification", "-r/--resource")
+        self.assertNotIn("--harvester", " ".join(config.notices))
 
     def test_analysis_wrapper(self) -> None:
         config = self.wrapper(ANALYSIS).config
@@ -301,8 +302,9 @@ class Pilot3CommandLineTests(OptionTestCase):
             "-y/--notokenrenewal", "-k/--noworkerpilotstatusupdate", "--redirect-stdout", "--stageout-attempts",
             "--use-realtime-logging", "--realtime-logging-server", "--realtime-logname", "--rucio-host",
             "-L/--leasetime", "--subscribe-to-msgsvc", "--pod", "--hpc-resource", "--hpc-mode",
-            "--es-executor-type", "--input-dir", "--output-dir", "--input-destination-dir", "-z/--noserverupdate",
+            "--es-executor-type", "--input-dir", "--output-dir", "--input-destination-dir",
         )  # fmt: skip
+        self.assertEqual(config.harvester.mode, "arc", "-z without a Harvester directory: ARC's files")
 
     def test_every_option_of_the_reference_table_is_accepted(self) -> None:
         names = pilot3_option_names(PILOT3_REFERENCE.read_text(encoding="utf-8"))
@@ -321,7 +323,7 @@ class Pilot3CommandLineTests(OptionTestCase):
         samples = {
             "port": "25443", "lifetime": "7200", "leasetime": "3600", "getjob-requests": "2",
             "getjob-failures": "5", "getjobrequests": "2", "getjobfailures": "5", "stageout-attempts": "2",
-            "workflow": "stager", "harvester-submit-mode": "PUSH", "resource-type": "SCORE",
+            "workflow": "stager", "harvester-submit-mode": "PULL", "resource-type": "SCORE",
             "url": "https://panda.example.org", "queuedata": "https://x.example/q.json",
             "queuedata-url": "https://x.example/q.json", "storagedata": "https://x.example/s.json",
             "storagedata-url": "https://x.example/s.json", "cacert": str(cacert),
@@ -391,13 +393,17 @@ class Pilot3CommandLineTests(OptionTestCase):
     def test_config_file_takes_pilot3_names(self) -> None:
         path = self.config_file(
             '[pilot]\nqueue = "Q"\njoblabel = "managed"\njob-type = "user"\nnocvmfs = true\n'
-            'cleanup = "False"\nharvester_submit_mode = "push"\n'
+            'cleanup = "False"\nharvester_submit_mode = "push"\nharvester_workdir = "/var/h/w1"\n'
         )
         config = self.parse("-c", path).config
         self.assertEqual((config.job_label, config.job_type), ("managed", "user"))
         self.assertEqual(config.keep_workdirs, KeepWorkdirs.ALL)
         self.assertEqual(config.harvester.submit_mode, "PUSH")
         self.assertIn("-b/--nocvmfs", " ".join(config.notices))
+        self.assertExits(["-q", "Q", "--harvester-submit-mode", "PUSH"], 2, "needs --harvester-workdir")
+        self.assertExits(
+            ["-q", "Q", "-z", "--queuedata", "https://x.example/q.json"], 2, "no network connection"
+        )
         both = self.config_file('[pilot]\nqueue = "Q"\njoblabel = "managed"\njob_label = "user"\n')
         self.assertExits(["-c", both], 2, "set the same setting")
 

@@ -220,6 +220,7 @@ class Batcher:
                 adler32=built.facts.adler32,
                 num_events=sum(d.range.events for d in kept),
                 objstore_id=stored.objstore_id,
+                url=stored.url,
                 ranges=tuple(
                     RangeStatus(
                         d.range.range_id,

@@ -241,4 +241,5 @@ def _with_ranges(chunk: ArchiveChunk, ranges: tuple[RangeStatus, ...]) -> Archiv
         ranges=ranges,
         objstore_id=chunk.objstore_id,
         path_convention=chunk.path_convention,
+        url=chunk.url,
     )

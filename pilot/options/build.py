@@ -211,9 +211,30 @@ def _log_file(
     return log_file if log_file is None or log_file.is_absolute() else workdir / log_file
 
 
-def _harvester(values: Mapping[str, Any]) -> HarvesterFiles:
-    paths = [Path(values[name]).absolute() if values.get(name) else None for name in HARVESTER_FILES]
-    return HarvesterFiles(values["harvester-submit-mode"], *paths)
+def _harvester(values: Mapping[str, Any], environ: Mapping[str, str]) -> HarvesterFiles:
+    given = dict(values)
+    if not given.get("harvester-workdir") and environ.get("HARVESTER_WORKDIR"):
+        given["harvester-workdir"] = environ["HARVESTER_WORKDIR"]
+    workdir, datadir, event_status_dump, worker_attributes = (
+        Path(given[name]).absolute() if given.get(name) else None for name in HARVESTER_FILES
+    )
+    kill = values["harvester-killworker"]
+    if not kill or "/" in kill or kill in (".", ".."):
+        raise ConfigError(f"--harvester-killworker: a file name, got {kill!r}")
+    files = HarvesterFiles(
+        values["harvester-submit-mode"],
+        workdir=workdir,
+        datadir=datadir,
+        event_status_dump=event_status_dump,
+        worker_attributes=worker_attributes,
+        no_server_update=bool(values["noserverupdate"]),
+        interval=values["harvester-interval"],
+        job_wait=values["harvester-job-wait"],
+        kill_worker=kill,
+    )
+    if values["harvester-submit-mode"] == "PUSH" and files.workdir is None:
+        raise ConfigError("--harvester-submit-mode PUSH needs --harvester-workdir (or $HARVESTER_WORKDIR)")
+    return files
 
 
 def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> PilotConfig:
@@ -228,6 +249,14 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         lifetime = seconds("lifetime")(environ["PANDAPILOT_LIFETIME"])
     _checked_times(values, lifetime)
     server_url = _server_url(values)
+    harvester = _harvester(values, environ)
+    if harvester.offline:
+        remote = [f"--{name}" for name in ("queuedata", "storagedata") if is_url(values.get(name) or "")]
+        if remote:
+            raise ConfigError(
+                f"{' and '.join(remote)}: a URL, but in {harvester.mode} file mode the pilot opens no "
+                "network connection; give a local file"
+            )
 
     queuedata: QueueData | None = None
     source = values.get("queuedata")
@@ -274,7 +303,7 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         ),
         baseurls=tuple(u.strip().rstrip("/") for u in values["baseurls"].split(",") if u.strip()),
         debug=values["debug"],
-        report_worker_node=not values["no-worker-node-report"],
+        report_worker_node=not values["no-worker-node-report"] and not harvester.offline,
         allow_http_transformations=values["allow-http-transformations"],
         file_mode=values["file-mode"],
         heartbeat_period=values["heartbeat"],
@@ -310,6 +339,6 @@ def build_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Pilo
         allow_same_user=values["allow-same-user"],
         workflow=values["workflow"],
         update_server=not values["noserverupdate"],
-        harvester=_harvester(values),
+        harvester=harvester,
         notices=tuple(inert_notices(inert) + setting_notices(values)),
     )

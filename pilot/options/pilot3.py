@@ -35,7 +35,7 @@ ALIASES: Mapping[str, str] = {
 
 _STAGER = "it belongs to pilot3's stager workflow, which txpilot does not have"
 _REALTIME = "txpilot has no real-time log shipping (its JSON log is --log-file)"
-_HPC = "txpilot has no HPC or event-service mode yet"
+_HPC = "txpilot's HPC modes are Harvester's file exchange and Ray for many nodes (README), chosen otherwise"
 
 
 @record(frozen=True)
@@ -117,9 +117,6 @@ HARVESTER_FILES = (
 )
 
 _WORKFLOW = "txpilot runs the generic workflow only"
-_HARVESTER_FILES = (
-    "Harvester's file hand-over is not implemented yet; jobs come from the server and are reported to it"
-)
 
 
 def notice(labels: list[str], reason: str) -> str:
@@ -147,12 +144,6 @@ def setting_notices(values: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     if values["workflow"] != "generic":
         lines.append(notice([f"-w/--workflow {values['workflow']}"], _WORKFLOW))
-    harvester = ["-z/--noserverupdate"] if values["noserverupdate"] else []
-    if values["harvester-submit-mode"] == "PUSH":
-        harvester.append("--harvester-submit-mode PUSH")
-    harvester += [f"--{name}" for name in HARVESTER_FILES if values.get(name)]
-    if harvester:
-        lines.append(notice(harvester, _HARVESTER_FILES))
     return lines
 
 

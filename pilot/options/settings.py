@@ -348,17 +348,24 @@ SETTINGS: tuple[Setting, ...] = (
         positive("min-free-space", "a number of MB"),
     ),
     Setting(
-        "harvester-submit-mode", None, "PULL", "Harvester submit mode, PULL or PUSH (PUSH: the job comes "
-        "from a file, which txpilot cannot read yet).", choice("harvester-submit-mode", ("PULL", "PUSH"), fold_case=True),
+        "harvester-submit-mode", None, "PULL", "Harvester submit mode: PULL (jobs from the server) or PUSH "
+        "(jobs, updates and event ranges through Harvester's files in --harvester-workdir; no network).",
+        choice("harvester-submit-mode", ("PULL", "PUSH"), fold_case=True),
     ),
-    Setting("harvester-workdir", None, None, "Harvester's worker directory (kept for the Harvester mode).",
-            text("harvester-workdir")),
-    Setting("harvester-datadir", None, None, "Harvester's data directory (kept for the Harvester mode).",
-            text("harvester-datadir")),
-    Setting("harvester-eventstatusdump", None, None, "Harvester's event status file (kept for the Harvester "
-            "mode).", text("harvester-eventstatusdump")),
-    Setting("harvester-workerattributes", None, None, "Harvester's worker attributes file (kept for the "
-            "Harvester mode).", text("harvester-workerattributes")),
+    Setting("harvester-workdir", None, None, "Harvester's access point (the worker directory; default "
+            "$HARVESTER_WORKDIR): its shared files are exchanged there.", text("harvester-workdir")),
+    Setting("harvester-datadir", None, None, "Where ARC's (or Harvester's) pandaJobData.out is (default: "
+            "the work directory).", text("harvester-datadir")),
+    Setting("harvester-eventstatusdump", None, None, "Path of Harvester's event status file (default "
+            "event_status.dump.json in the access point).", text("harvester-eventstatusdump")),
+    Setting("harvester-workerattributes", None, None, "Path of Harvester's worker attributes file (default "
+            "worker_attributes.json in the access point).", text("harvester-workerattributes")),
+    Setting("harvester-interval", None, 10.0, "How often to look for Harvester's answers, in seconds.",
+            positive("harvester-interval")),
+    Setting("harvester-job-wait", None, 600.0, "How long one request for a job waits for Harvester "
+            "before it counts as no job, in seconds.", positive("harvester-job-wait")),
+    Setting("harvester-killworker", None, "kill_worker.json", "Name of the file that asks Harvester to "
+            "end the batch worker (pilot3 writes kill_worker).", text("harvester-killworker")),
     _flag("debug", "d", "Debug logging."),
     _flag("no-worker-node-report", None, "Do not send the worker node's description (update_worker_node)."),
     _flag("no-pilot-log", None, "Write no JSON log file (same as an empty --log-file)."),
@@ -367,8 +374,8 @@ SETTINGS: tuple[Setting, ...] = (
         "over plain http without a sha256 checksum (a trusted site network only).",
     ),
     _flag(
-        "noserverupdate", "z", "pilot3: report to files instead of the server (Harvester/ARC); txpilot "
-        "has no file reporting yet and says so at start.",
+        "noserverupdate", "z", "Talk to no server: jobs and updates through files, Harvester's (with "
+        "--harvester-workdir) or ARC's (pandaJobData.out, heartbeat.json).",
     ),
 )  # fmt: skip
 

@@ -73,6 +73,9 @@ class ArchiveChunk:
     #: The storage's numeric id; the server rolls a chunk without one back (with the report).
     objstore_id: int | None = None
     path_convention: int = PATH_CONVENTION
+    #: Where the archive is (never sent to the server): a file source (Harvester) declares
+    #: the archive for stage-out by its local path.
+    url: str | None = None
 
     def wire(self) -> dict[str, Any]:
         zip_file: dict[str, Any] = {

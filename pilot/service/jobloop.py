@@ -58,6 +58,7 @@ from pilot.service.journaling import (
     remove_dead_pilot_dir,
 )
 from pilot.service.requests import job_request, node_resources, pilot_identity
+from pilot.source.modes import no_network, no_network_file
 from pilot.staging.storage import StorageData
 from pilot.util.deferreds import OneShot
 from pilot.util.journal import Journal
@@ -106,8 +107,11 @@ class JobLoop(Service):
         secrets: SecretValues | None = None,
         pilot_dir: Path | None = None,
         lag_probe: ReactorLagProbe | None = None,
+        adjust_queuedata: Callable[[QueueData], QueueData] | None = None,
     ) -> None:
         self.config = config
+        #: A file mode's changes to the queue's description (``pilot.source.modes``).
+        self._adjust_queuedata = adjust_queuedata
         self._clock = clock
         self._spawner = spawner
         self._source = source
@@ -115,7 +119,9 @@ class JobLoop(Service):
         #: Event-service jobs need ranges: from the job source, when it serves them.
         self._event_source: IEventSource | None = source if IEventSource.providedBy(source) else None
         self._client = client
-        self._fetch: Download = client.get_bytes
+        #: In a file mode nothing is downloaded: the pilot opens no network connection.
+        self._offline = config.harvester.offline
+        self._fetch: Download = no_network if self._offline else client.get_bytes
         self._experiment = experiment
         self._in_thread = in_thread
         self._environ = environ
@@ -307,6 +313,8 @@ class JobLoop(Service):
             data = await self._document(storage_source, "storage description")
             self.staging = replace(self.staging, storage=StorageData.from_bytes(data))
         self.queuedata = self._experiment.adjust_queuedata(self.queuedata)
+        if self._adjust_queuedata is not None:
+            self.queuedata = self._adjust_queuedata(self.queuedata)
         problem = self.queuedata.state_error()
         if problem is not None:
             raise problem
@@ -427,7 +435,7 @@ class JobLoop(Service):
         return JobEnvironment(
             reporter=self._reporter,
             download=self._fetch,
-            fetch_file=self.downloads.fetch,
+            fetch_file=no_network_file if self._offline else self.downloads.fetch,
             clock=self._clock,
             spawner=self._spawner,
             in_thread=self._in_thread,

@@ -41,6 +41,7 @@ from pilot.job.staging import StagingSetup
 from pilot.job.summary import JobSummary
 from pilot.logs import JsonLogFile, pilot_observer
 from pilot.process.runner import OS_PROCESS_CONTROL, ProcessControl
+from pilot.queuedata import QueueData
 from pilot.server.client import PandaClient
 from pilot.service.jobloop import JobLoop
 from pilot.service.summaryfile import summary_document, write_summary_file
@@ -124,6 +125,7 @@ class PilotService(MultiService):
         secrets: SecretValues | None = None,
         pilot_dir: Path | None = None,
         helpers: Sequence[IService] = (),
+        adjust_queuedata: Callable[[QueueData], QueueData] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -155,6 +157,7 @@ class PilotService(MultiService):
             on_job_done=lambda _summary: self._write_summary_file(),
             secrets=secrets,
             pilot_dir=pilot_dir,
+            adjust_queuedata=adjust_queuedata,
         )
         self._close_connections = close_connections
         # started in this order, stopped in the reverse one (see stopService): what the
