@@ -124,7 +124,12 @@ class HarvesterSourceTests(TestCase):
         self.clock.advance(10.0)
         self.assertTrue(self.file("worker_attributes.json").exists(), "Harvester has not read it yet")
         self.assertFalse(self.file("worker_requestjob.json").exists(), "no request before Harvester has it")
-        os.rename(self.file("event_status.dump.json"), self.file("event_status.dump.json.read"))
+        os.rename(self.file("event_status.dump.json"), self.file("event_status.dump.json.read.1"))
+        self.clock.advance(10.0)  # the dump taken; one interval later the empty probe dump
+        self.clock.advance(10.0)
+        self.assertEqual(self.read("event_status.dump.json"), {"12": []})
+        self.assertTrue(self.file("worker_attributes.json").exists(), "Harvester may not have read it yet")
+        os.unlink(self.file("event_status.dump.json"))  # Harvester takes the probe: it read the attributes
         self.clock.advance(10.0)
         self.assertFalse(self.file("worker_attributes.json").exists(), "no stale state for the next job")
         self.assertTrue(self.file("worker_requestjob.json").exists())
@@ -174,6 +179,24 @@ class HarvesterSourceTests(TestCase):
         self.clock.advance(10.0)
         self.assertEqual(self.successResultOf(asked), [{"eventRangeID": "r1", "startEvent": 1}])
         self.assertTrue(self.file("JobsEventRanges.json.read").exists())
+
+    def test_a_job_fed_as_the_pilot_ends_is_reported_failed_not_finished(self) -> None:
+        self.file("worker_requestjob.json").write_text('{"nJobs": 1}')
+        self.feed(31)  # Harvester read the request before the pilot withdrew it
+        self.successResultOf(self.source.kill_worker())
+        self.assertFalse(self.file("worker_requestjob.json").exists())
+        attributes = self.read("worker_attributes.json")
+        self.assertEqual((attributes["jobId"], attributes["jobStatus"]), (31, "failed"))
+        self.assertEqual(attributes["pilotErrorCode"], 1213)
+        self.assertTrue(self.file("kill_worker.json").exists())
+
+    def test_holding_is_failed_for_harvester_and_the_report_not_in_the_attributes(self) -> None:
+        update = JobUpdate(job_id=5, state="holding", meta_data='{"a": 1}')
+        self.successResultOf(self.source.update_job(update, final=True, timeout=None))
+        attributes = self.read("worker_attributes.json")
+        self.assertEqual(attributes["jobStatus"], "failed")
+        self.assertNotIn("metaData", attributes)
+        self.assertEqual(self.read("jobReport.json"), {"a": 1})
 
     def test_heartbeat_and_kill_files(self) -> None:
         self.successResultOf(self.source.touch_heartbeat())
@@ -249,3 +272,72 @@ class ArcSourceTests(TestCase):
         self.assertEqual((heartbeat["jobStatus"], heartbeat["jobId"]), ("finished", 21))
         self.assertIn("xml", heartbeat, "aCT passes the output report on")
         self.assertEqual((session / "out.dat").read_text(), "result\n", "the output where the CE collects it")
+
+
+class WireContractTests(TestCase):
+    """Every file the pilot writes follows its schema in ``interfaces/harvester/``."""
+
+    def test_the_files_follow_their_schemas(self) -> None:
+        from .test_harvester_side import validator
+
+        access = Path(self.mktemp()).absolute()
+        access.mkdir()
+        clock = Clock()
+        source = HarvesterSource(MessengerFiles(access), clock=clock, in_thread=inline, interval=1.0)
+        written: list[tuple[str, Any]] = []
+
+        def snapshot(*names: str) -> None:
+            for name in names:
+                written.append((name, json.loads((access / name).read_text())))
+                os.unlink(access / name)  # as Harvester takes it
+
+        self.successResultOf(source.touch_heartbeat())
+        snapshot("worker_heartbeat.json")
+        asked = source.acquire_jobs(REQUEST)
+        snapshot("worker_requestjob.json")
+        (access / "HPCJobs.json").write_text('{"41": {"PandaID": 41, "logFile": "l.tgz"}}')
+        clock.advance(1.0)
+        self.successResultOf(asked)
+        running = JobUpdate(job_id=41, state="running", node="n1", cpu_consumption_time=3, core_count=4)
+        self.successResultOf(source.update_job(running, final=False, timeout=None))
+        snapshot("worker_attributes.json")
+        ranges = source.acquire_event_ranges(EventRangeRequest(41, jobset_id=2, task_id=3, n_ranges=8))
+        snapshot("worker_requestevents.json")
+        (access / "JobsEventRanges.json").write_text('{"41": []}')
+        clock.advance(1.0)
+        self.successResultOf(ranges)
+        failed = EventRangeUpdate(41, statuses=(RangeStatus("3-41-1-1-1", "failed", error_code=1220),))
+        self.successResultOf(source.update_event_ranges(failed))
+        snapshot("worker_updateevents.json")
+        chunk = ArchiveChunk(
+            "a.tar", 10, "0badcafe", 1, (RangeStatus("3-41-1-2-1", "finished"),), 1, url="/o/a.tar"
+        )
+        self.successResultOf(source.update_event_ranges(EventRangeUpdate(41, chunks=(chunk,))))
+        snapshot("event_status.dump.json")
+        report = {
+            "l.tgz": {
+                "guid": "5f0d2c1e-0000-4000-8000-00000000abcd",
+                "fsize": 9,
+                "adler32": "0aaa0111",
+                "surl": "file:///o/l.tgz",
+            }
+        }
+        final = JobUpdate(
+            job_id=41, state="finished", pilot_error_code=0, trans_exit_code=0,
+            job_output_report=json.dumps(report), end_time="2026-12-05 12:00:00",
+        )  # fmt: skip
+        self.successResultOf(source.update_job(final, final=True, timeout=None))
+        snapshot("event_status.dump.json", "worker_attributes.json")
+        self.successResultOf(source.kill_worker())
+        snapshot("kill_worker.json")
+        for name, document in written:
+            schema = name.removesuffix(".json")
+            errors = [e.message for e in validator(schema).iter_errors(document)]
+            self.assertEqual(errors, [], (name, document))
+        session = Path(self.mktemp()).absolute()
+        session.mkdir()
+        (session / "pandaJobData.out").write_text("PandaID=5")
+        arc = ArcSource(session / "pandaJobData.out", session, in_thread=inline)
+        self.successResultOf(arc.update_job(running, final=False, timeout=None))
+        heartbeat = json.loads((session / "heartbeat.json").read_text())
+        self.assertEqual([e.message for e in validator("heartbeat").iter_errors(heartbeat)], [])

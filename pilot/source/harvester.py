@@ -14,11 +14,15 @@ The exchange, and what it is careful about (Harvester's side has no locking):
   has not run, and renamed ``HPCJobs.json.read``.  For another job the pilot writes
   ``worker_requestjob.json`` (``{"nJobs": 1}``) and looks every ``interval`` seconds
   until Harvester has fed one (it deletes the request) or ``job_wait`` has passed.
-  Before asking, it waits until Harvester has taken the previous job's final report
-  (its ``event_status.dump.json`` renamed away) and then removes the previous job's
-  ``worker_attributes.json`` and ``jobReport.json``: Harvester applies whatever
-  attributes file it finds to the job it has just fed, so a stale ``finished`` would
-  end the new job before it ran.
+  Before asking, it makes sure Harvester has read the previous job's final state, then
+  removes that job's ``worker_attributes.json`` and ``jobReport.json``: Harvester applies
+  whatever attributes file it finds to the job it has just fed, so a stale ``finished``
+  would end the new job before it ran.  Harvester says nothing when it reads the
+  attributes, but it reads them just before it takes ``event_status.dump.json`` in the
+  same check of the worker; so once the final report's dump is taken, the pilot waits
+  one ``interval``, writes an empty dump (``{PandaID: []}``, which Harvester takes and
+  deletes) and waits until that is taken too: the check that took it had read the
+  final attributes.
 * **Updates.** Every update rewrites ``worker_attributes.json``: the update's legacy
   ``updateJob`` fields, flat, plus ``jobStatus`` (without the job output report, as
   pilot 3 does).  The final update also writes ``jobReport.json`` (the job report) and
@@ -28,7 +32,8 @@ The exchange, and what it is careful about (Harvester's side has no locking):
 * **Event ranges.** A request is ``worker_requestevents.json`` (``{PandaID: {nRanges,
   pandaID, taskID, jobsetID}}``); the answer ``JobsEventRanges.json`` (``{PandaID:
   [ranges]}``, an empty list when there are no more) is taken when complete and
-  renamed ``.read``.  Range statuses go to ``worker_updateevents.json``; archives of
+  renamed ``.read``; one request is out at a time (Harvester deletes a second one
+  unanswered).  Range statuses go to ``worker_updateevents.json``; archives of
   range outputs are declared in ``event_status.dump.json`` with their ranges
   (``eventRangeID``, ``eventStatus``), from which Harvester writes the range updates
   itself.
@@ -53,9 +58,11 @@ from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pilot.errorcodes import ErrorCode
 from pilot.interfaces import IEventSource, IJobReporter, IJobSource
 from pilot.logs import pilot_observer
 from pilot.server.api import ApiMode
@@ -141,9 +148,10 @@ class HarvesterSource:
         self.calls = 0
         self._taken: set[int] = set()
         self._jobs: dict[int, Mapping[str, Any]] = {}
-        #: A final report Harvester has not taken yet: wait for it before asking for a job.
-        self._final_pending = False
+        #: The job whose final state Harvester may not have read yet (see ``_settle_previous_job``).
+        self._final_pending: int | None = None
         self._reports = DeferredLock()
+        self._range_requests = DeferredLock()
 
     # -- IJobSource ----------------------------------------------------------------------
 
@@ -161,6 +169,10 @@ class HarvesterSource:
         found = await filebox.poll(
             self._clock, self.interval, self.job_wait, lambda: self._in_thread(self._take_job)
         )
+        if found is None:
+            # withdrawn, and one more look: Harvester may have read it already
+            await self._in_thread(filebox.remove, self.files.path(self.files.job_request))
+            found = await self._in_thread(self._take_job)
         if found is None:
             return AcquireResult(StatusCode.NO_JOBS, message=f"Harvester fed no job in {self.job_wait:.0f} s")
         return self._fed(found)
@@ -190,16 +202,19 @@ class HarvesterSource:
         return None
 
     async def _settle_previous_job(self) -> None:
-        """Harvester has the previous job's final report: its attributes can go (see the docstring)."""
-        if not self._final_pending:
+        """Harvester has the previous job's final state: its attributes can go (see the docstring)."""
+        if self._final_pending is None:
             return
         dump = self.files.path(self.files.event_status)
-        taken = await filebox.poll(
-            self._clock,
-            self.interval,
-            self.ack_wait,
-            lambda: self._in_thread(lambda: True if not filebox.exists(dump) else None),
-        )
+
+        def dump_taken() -> Deferred[bool | None]:
+            return self._in_thread(lambda: True if not filebox.exists(dump) else None)
+
+        taken = await filebox.poll(self._clock, self.interval, self.ack_wait, dump_taken)
+        if taken is not None:
+            await deferLater(self._clock, self.interval, lambda: None)
+            await self._report_files({str(self._final_pending): []})
+            taken = await filebox.poll(self._clock, self.interval, self.ack_wait, dump_taken)
         if taken is None:
             log.warn(
                 "Harvester has not taken the last job's final report in {wait:.0f} s; asking for a job anyway",
@@ -208,7 +223,7 @@ class HarvesterSource:
             )
         for name in (self.files.attributes, self.files.job_report):
             await self._in_thread(filebox.remove, self.files.path(name))
-        self._final_pending = False
+        self._final_pending = None
 
     # -- IJobReporter --------------------------------------------------------------------
 
@@ -217,15 +232,18 @@ class HarvesterSource:
 
     async def _update_job(self, update: JobUpdate, final: bool) -> UpdateResult:
         attributes = encode_job_update(update, ApiMode.LEGACY)
-        attributes.pop("xml", None)
-        attributes["jobStatus"] = update.state
+        attributes.pop("xml", None)  # in the dump
+        attributes.pop("metaData", None)  # jobReport.json: Harvester would encode the text twice
+        # Harvester ends a job only on finished/failed: a holding job would stay "running" and
+        # take the next job's state
+        attributes["jobStatus"] = "failed" if update.state == "holding" else update.state
         if final or update.state in FINAL_STATES:
             report = parse_object(update.meta_data)
             if report is not None:
                 await self._write(self.files.job_report, report)
             declared = self._declared_files(update)
             await self._report_files({str(update.job_id): declared})
-            self._final_pending = True
+            self._final_pending = update.job_id
         await self._write(self.files.attributes, attributes)
         return UpdateResult(StatusCode.SUCCESS)
 
@@ -247,15 +265,15 @@ class HarvesterSource:
                     event="harvester.undeclared",
                 )
                 continue
-            entries.append(
-                {
-                    "type": "log" if lfn == log_name else "output",
-                    "path": str(path),
-                    "guid": entry.get("guid"),
-                    "fsize": entry.get("fsize"),
-                    "chksum": entry.get("adler32"),
-                }
-            )
+            declared = {
+                "type": "log" if lfn == log_name else "output",
+                "path": str(path),
+                "fsize": entry.get("fsize"),
+                "chksum": entry.get("adler32"),
+            }
+            if entry.get("guid"):  # without one Harvester makes one (an empty one it would keep)
+                declared["guid"] = entry["guid"]
+            entries.append(declared)
         return entries
 
     # -- IEventSource --------------------------------------------------------------------
@@ -264,6 +282,14 @@ class HarvesterSource:
         return Deferred.fromCoroutine(self._acquire_ranges(request))
 
     async def _acquire_ranges(self, request: EventRangeRequest) -> list[dict[str, object]]:
+        # one request at a time: Harvester answers one and deletes a second written meanwhile
+        await self._range_requests.acquire()
+        try:
+            return await self._request_ranges(request)
+        finally:
+            self._range_requests.release()
+
+    async def _request_ranges(self, request: EventRangeRequest) -> list[dict[str, object]]:
         key = str(request.job_id)
         await self._write(
             self.files.events_request,
@@ -353,8 +379,34 @@ class HarvesterSource:
         return self._write(self.files.heartbeat, {"time": self._clock.seconds()})
 
     def kill_worker(self) -> Deferred[None]:
-        """``kill_worker.json``: the pilot is done; Harvester may end the batch worker."""
-        return self._write(self.files.kill_worker, {"time": self._clock.seconds()})
+        """``kill_worker.json``: the pilot is done; Harvester may end the batch worker.
+
+        A job Harvester fed after all (it had read the request before the pilot withdrew
+        it) is reported failed first: a job never reported final would take the worker's
+        end as its state, ``finished`` for a worker that exited 0.
+        """
+        return Deferred.fromCoroutine(self._kill_worker())
+
+    async def _kill_worker(self) -> None:
+        await self._in_thread(filebox.remove, self.files.path(self.files.job_request))
+        unrun = await self._in_thread(self._take_job)
+        if unrun is not None:
+            panda_id = int(unrun["PandaID"])
+            log.warn(
+                "job {pandaid} was fed as the pilot ended: reported failed, not run",
+                pandaid=panda_id,
+                event="harvester.unrun_job",
+            )
+            await self._write(
+                self.files.attributes,
+                {
+                    "jobId": panda_id,
+                    "jobStatus": "failed",
+                    "pilotErrorCode": int(ErrorCode.REACHEDMAXTIME),
+                    "pilotErrorDiag": "the pilot ended before it could run the job Harvester fed",
+                },
+            )
+        await self._write(self.files.kill_worker, {"time": self._clock.seconds()})
 
     def clean_leftovers(self) -> Deferred[int]:
         """Temporary files of a pilot killed while writing (nobody else reads them)."""

@@ -46,6 +46,8 @@ from pilot.util.threads import ThreadRunner
 log = Logger(observer=pilot_observer)
 
 OUTBOX = "TXPILOT_OUTBOX"
+#: Where the site placed the job's inputs, by LFN (Harvester's access point, ARC's session).
+INBOX = "TXPILOT_INBOX"
 #: The outbox's numeric storage id: event-service archives go only to storage with one.
 OUTBOX_ID = 1
 #: How often ``worker_heartbeat.json`` is touched (Harvester's default limit is 30 min).
@@ -61,23 +63,30 @@ class FileExchange:
     mode: str
     source: Any  # IJobSource + IJobReporter (+ IEventSource for Harvester)
     outbox: Path
+    inbox: Path
     worker: Service | None = None
 
     @property
     def storage(self) -> StorageData:
-        protocol = [{"endpoint": "file://", "path": str(self.outbox)}]
+        outbox = [{"endpoint": "file://", "path": str(self.outbox)}]
+        inbox = [{"endpoint": "file://", "path": str(self.inbox)}]
         return StorageData.from_document(
-            {OUTBOX: {"id": OUTBOX_ID, "arprotocols": {"write_lan": protocol, "read_lan": protocol}}}
+            {
+                OUTBOX: {"id": OUTBOX_ID, "arprotocols": {"write_lan": outbox, "read_lan": outbox}},
+                INBOX: {"is_deterministic": False, "arprotocols": {"read_lan": inbox}},
+            }
         )
 
     def adjust_queuedata(self, queuedata: QueueData) -> QueueData:
-        """Outputs go to the outbox with ``cp``, whatever the queue says."""
+        """Inputs are linked from the inbox, outputs copied to the outbox, whatever the queue says."""
         astorages = dict(queuedata.astorages)
         acopytools = dict(queuedata.acopytools)
         for activity in _OUTPUT_ACTIVITIES:
             astorages[activity] = [OUTBOX]
             acopytools[activity] = ["cp"]
-        copytools = {**queuedata.copytools, "cp": {}}
+        astorages["read_lan"] = [INBOX]
+        acopytools["pr"] = ["ln", "cp"]
+        copytools = {**queuedata.copytools, "cp": {}, "ln": {}}
         return replace(queuedata, astorages=astorages, acopytools=acopytools, copytools=copytools)
 
 
@@ -138,12 +147,13 @@ def file_exchange(
         )
         worker = HarvesterWorker(source, clock)
         if harvester.mode == "harvester":
-            return FileExchange("harvester", source, harvester.workdir / "txpilot-outbox", worker)
-        return FileExchange("server", None, harvester.workdir, worker)
+            outbox = harvester.workdir / "txpilot-outbox"
+            return FileExchange("harvester", source, outbox, harvester.workdir, worker)
+        return FileExchange("server", None, harvester.workdir, harvester.workdir, worker)
     if harvester.mode == "arc":
         job_file = (harvester.datadir or workdir) / "pandaJobData.out"
         arc = ArcSource(job_file, workdir, in_thread=in_thread, file_mode=file_mode)
-        return FileExchange("arc", arc, workdir / ".txpilot-outbox")
+        return FileExchange("arc", arc, workdir / ".txpilot-outbox", workdir)
     return None
 
 

@@ -132,10 +132,17 @@ def _url_attempts(
     storage: StorageData,
     allowed: set[str] | None,
     domain: str,
+    flat: str | None = None,
 ) -> list[Attempt]:
+    """``flat``: the name to use on a non-deterministic endpoint (files by LFN in one
+    directory, as Harvester and ARC place inputs); without it such an endpoint is skipped."""
     endpoint = storage.get(endpoint_name)
-    if endpoint is None or not endpoint.is_deterministic:
+    if endpoint is None:
         return []
+    if not endpoint.is_deterministic:
+        if flat is None:
+            return []
+        relative = flat
     for activity in activities:
         protocols = endpoint.protocols_for(activity)
         if protocols:
@@ -182,7 +189,15 @@ def plan_stage_in(
                 activities = ("read_lan", "read_wan") if domain == "lan" else ("read_wan", "read_lan")
                 allowed = _allowed_schemes(queuedata, tool.name, activities[0])
                 attempts += _url_attempts(
-                    tool.name, tool.schemes, endpoint, activities, relative, storage, allowed, domain
+                    tool.name,
+                    tool.schemes,
+                    endpoint,
+                    activities,
+                    relative,
+                    storage,
+                    allowed,
+                    domain,
+                    spec.lfn,
                 )
         direct = next(
             (
