@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import zlib
+from urllib.parse import urlencode
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +152,13 @@ class HarvesterPushModeTests(TestCase):
             for n in range(10)
         ]
 
-    def pilot(self) -> ManagedProcess:
+    def pilot(self, *mode: str) -> ManagedProcess:
+        mode = mode or (
+            "-z", "--harvester-submit-mode", "PUSH", "--harvester-workdir", str(self.access),
+            "--harvester-interval", "0.2", "--harvester-job-wait", "8",
+        )  # fmt: skip
         args = [
-            "-q", QUEUE, "-w", "generic", "-z", "--harvester-submit-mode", "PUSH",
-            "--harvester-workdir", str(self.access), "--harvester-interval", "0.2",
-            "--harvester-job-wait", "8", "--getjob-requests", "1", "--queuedata", str(self.queuedata),
+            "-q", QUEUE, "-w", "generic", *mode, "--getjob-requests", "1", "--queuedata", str(self.queuedata),
             "--workdir", str(self.workdir), "--summary-file", str(self.base / "summary.json"),
             "--log-file", str(self.workdir / "pilotlog.json"), "--es-zip-time-gap", "1",
             "--nojob-backoff", "0.1", "--nojob-backoff-max", "0.1",
@@ -211,5 +214,25 @@ class HarvesterPushModeTests(TestCase):
         self.assertEqual({s.event_range_id for s in archives}, {r["eventRangeID"] for r in self.ranges()})
         self.assertTrue(side.killed, "the kill file at the end")
         self.assertIsNotNone(side.last_heartbeat)
+        attempts = self.net_log.read_text() if self.net_log.exists() else ""
+        self.assertEqual(attempts, "", "no connection attempted, no name looked up")
+
+    async def test_arc_one_job_from_its_file_without_network(self) -> None:
+        job = self.jobs()[0]
+        job.pop("PandaID")
+        fields = {"PandaID": "2001", **{k: str(v) for k, v in job.items()}}
+        (self.workdir / "pandaJobData.out").write_text(urlencode(fields))
+        (self.workdir / "in.dat").symlink_to(self.input)  # staged in by the CE
+        outcome = await self.pilot("-z").wait()
+        log = (self.base / "pilot.log").read_text()[-4000:]
+        self.assertEqual(outcome.exit_code, 0, log)
+        heartbeat = json.loads((self.workdir / "heartbeat.json").read_text())
+        self.assertEqual((heartbeat["jobId"], heartbeat["jobStatus"]), (2001, "finished"), log)
+        report = json.loads(heartbeat["xml"])
+        self.assertEqual(sorted(report), ["job1.log.tgz", "out.dat"])
+        out = self.workdir / "out.dat"
+        self.assertEqual(out.read_bytes(), self.input.read_bytes().upper(), "where the CE collects it")
+        self.assertEqual(report["out.dat"]["adler32"], adler(out.read_bytes()))
+        self.assertTrue((self.workdir / "job1.log.tgz").is_file())
         attempts = self.net_log.read_text() if self.net_log.exists() else ""
         self.assertEqual(attempts, "", "no connection attempted, no name looked up")
