@@ -26,6 +26,8 @@ from pilot.source import filebox
 from pilot.source.arc import ArcSource, parse_job_file
 from pilot.source.harvester import HarvesterSource, MessengerFiles
 
+from .harvester_side import HarvesterSide
+
 REQUEST = JobRequest(site_name="Q", computing_element="Q", prod_source_label="managed", node="n")
 
 
@@ -223,6 +225,14 @@ class HarvesterSourceTests(TestCase):
         self.assertEqual(self.read("worker_attributes.json"), {"jobStatus": "running"}, "the old file, whole")
         leftovers = [p.name for p in self.access.iterdir() if p.name.endswith(".tmp")]
         self.assertEqual(len(leftovers), 1, leftovers)
+        # Harvester's view: the job's attributes as they were, the temporary file unseen
+        side = HarvesterSide(self.access, clock=Clock(), jobs=[{"PandaID": 51}], preplace=True)
+        side.preplace()
+        self.successResultOf(Deferred.fromCoroutine(side.cycle()))
+        self.assertEqual(side.job_attributes[51]["jobStatus"], "running")
+        self.assertEqual(side.problems, [])
+        for name in ("HPCJobs.json", "PoolFileCatalog_H.xml", "worker_pandaids.json"):
+            (self.access / name).unlink(missing_ok=True)
         self.assertEqual(self.successResultOf(self.source.clean_leftovers()), 1)
         self.assertEqual(sorted(p.name for p in self.access.iterdir()), ["worker_attributes.json"])
 
