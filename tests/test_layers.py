@@ -35,8 +35,12 @@ LAYERS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (7, ("pilot.job",)),
     (8, ("pilot.service",)),
     (9, ("pilot.options", "pilot.tap", "pilot.demo", "pilot.demo_es", "pilot.localrun")),
+    # payload-side programs (the Ray driver): above everything, so nothing imports them
+    (10, ("pilot.hpc",)),
 )
 DEVSERVER = "pilot.devserver"
+#: Runs in the payload's environment: it may import nothing of the pilot but itself.
+STANDALONE = "pilot.hpc"
 #: What the development server may use of the pilot: the bottom layer only.
 DEVSERVER_MAY_USE = 0
 
@@ -149,6 +153,19 @@ class LayerTests(SynchronousTestCase):
             if not target.startswith(DEVSERVER) and (layer_of(target) or 0) > DEVSERVER_MAY_USE
         ]
         self.assertEqual(leaks, [])
+
+    def test_payload_side_programs_stand_alone(self) -> None:
+        modules = pilot_modules()
+        known = set(modules)
+        leaks = [
+            f"{name}:{line} imports {target}"
+            for name, path in modules.items()
+            if name.startswith(STANDALONE)
+            for line, target in imports_of(path, known)
+            if not target.startswith(STANDALONE)
+        ]
+        self.assertEqual(leaks, [])
+        self.assertIn(f"{STANDALONE}.raydriver", modules)
 
     def test_no_import_cycles(self) -> None:
         self.assertIsNone(find_cycle(import_graph()))
