@@ -11,7 +11,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("overhead", "pilotcost", "reactorlag", "staging", "monitoring", "redaction", "eventservice")
+BENCHMARKS = (
+    "overhead",
+    "pilotcost",
+    "reactorlag",
+    "staging",
+    "monitoring",
+    "redaction",
+    "eventservice",
+    "ray",
+)
 
 
 def main(argv: list[str]) -> int:

@@ -71,3 +71,22 @@ class EventServiceBenchSmokeTests(TestCase):
         for key in ("ranges_per_s", "raw_ranges_per_s", "ratio_vs_raw"):
             self.assertGreater(results[key], 0, key)
         self.assertGreaterEqual(results["payload_wait_pct"], 0)
+
+
+class RayBenchSmokeTests(TestCase):
+    timeout = 120
+
+    async def test_small_run_reports_every_measure(self) -> None:
+        from bench import ray as ray_bench
+
+        from .raycluster import require_ray
+
+        require_ray()
+        run_dir = Path(self.mktemp()).absolute() / "ray"
+        args = argparse.Namespace(ranges=300, ranges_per_answer=2, dir=str(run_dir), check_targets=False)
+        await ray_bench.main_async(reactor, args)
+        results = json.loads((run_dir.parent / "ray.json").read_text())
+        self.assertEqual((results["ranges"], results["workers"], results["ranges_per_answer"]), (300, 4, 2))
+        for key in ("ranges_per_s", "local_ranges_per_s", "ratio_vs_local", "startup_s"):
+            self.assertGreater(results[key], 0, key)
+        self.assertEqual(len(list((run_dir / "ray").iterdir())), 300, "every output written")
