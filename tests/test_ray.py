@@ -169,7 +169,8 @@ class ClusterTests(DriverTestCase):
         feeder = HoldingFeeder(batches_of(ranges, batch))
         channel = await self.channel(feeder)
         outdir, pids = self.outdir(), self.short / "pids"
-        args = ("--address", cluster.address, "--workers", "4", "--output-dir", str(outdir))
+        # found as the README's Slurm recipe finds it: "auto" in the directory of `ray start`
+        args = ("--temp-dir", str(cluster.temp_dir), "--workers", "4", "--output-dir", str(outdir))
         driver = self.driver(channel, *args, "--pids-file", str(pids), "--event-seconds", "0.003")
         await feeder.when(lambda: len(feeder.done) >= 200, timeout=40)
         number, victim, _ = self.actors(pids)[0]

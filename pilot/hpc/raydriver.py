@@ -405,8 +405,10 @@ def connect(options: Options) -> Any:
     }
     if options.node_ip_address:
         common["_node_ip_address"] = options.node_ip_address
+    if options.temp_dir:
+        common["_temp_dir"] = options.temp_dir
     if options.local_cpus is not None:
-        ray.init(num_cpus=options.local_cpus, _temp_dir=options.temp_dir, **common)
+        ray.init(num_cpus=options.local_cpus, **common)
     else:
         ray.init(address=options.address, **common)
     return ray
@@ -453,7 +455,12 @@ def parse_options(argv: Sequence[str]) -> Options:
     parser.add_argument("--event-seconds", type=float, default=0.0)
     parser.add_argument("--command", default=None, help="shell command template per range")
     parser.add_argument("--pids-file", default=None, help="write each started actor's pid here")
-    parser.add_argument("--temp-dir", default=None, help="with --local: Ray's temporary directory")
+    parser.add_argument(
+        "--temp-dir",
+        default=None,
+        help="Ray's temporary directory: the local Ray's (--local), or where `ray start` put the"
+        " cluster this node belongs to (for --address auto; the pilot sets the payload's TMPDIR)",
+    )
     parser.add_argument("--node-ip-address", default=None, help="this node's address for Ray")
     parser.add_argument("--start-timeout", type=float, default=60.0, help="seconds for an actor to start")
     args = parser.parse_args(argv)
