@@ -10,6 +10,7 @@ payload's (``tests/es_payload.py``): to the pilot, the two are the same payload.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -190,6 +191,33 @@ class ClusterTests(DriverTestCase):
         done = {m.range_id for _, m in feeder.done}
         self.assertOutputs(outdir, [r for r in ranges if r["eventRangeID"] in done])
         self.assertIn(b"actor %d lost" % number, driver.out)
+
+    async def test_a_lost_node_loses_only_the_ranges_its_actors_held(self) -> None:
+        cluster = await self.cluster()
+        ranges = [make_range(i) for i in range(1500)]
+        feeder = HoldingFeeder(batches_of(ranges, 1))
+        channel = await self.channel(feeder)
+        outdir, pids = self.outdir(), self.short / "pids"
+        args = ("--address", cluster.address, "--workers", "4", "--output-dir", str(outdir))
+        driver = self.driver(channel, *args, "--pids-file", str(pids), "--event-seconds", "0.003")
+        await feeder.when(lambda: len(feeder.done) >= 200, timeout=40)
+        # the node the driver is not attached to (its raylet is the driver's link to Ray, as
+        # the head node's is in an allocation): every process of it killed at once
+        [driver_node] = re.findall(rb"driver on node (\w+)", driver.out)
+        victims = [
+            (n, pid) for n, pid, node in self.actors(pids) if not node.startswith(driver_node.decode())
+        ]
+        self.assertEqual(len(victims), 2, "SPREAD: two actors on each node")
+        await end_sessions(reactor, {os.getsid(pid) for _, pid in victims}, grace=0)
+        self.assertEqual(await self.finish(driver, feeder, 4), 0, driver.err[-3000:])
+        self.assertEachReportedOnce(feeder, ranges)
+        lost = Counter(worker for worker, _ in feeder.failed)
+        self.assertEqual(set(lost), {f"worker-{n}" for n, _ in victims}, "only the lost node's actors")
+        self.assertLessEqual(max(lost.values()), 2, "at most two batches each")
+        self.assertTrue(all(m.text.startswith("ray worker lost: ") for _, m in feeder.failed))
+        self.assertEqual(set(feeder.gone[:2]), set(lost), "their connections closed first")
+        done = {m.range_id for _, m in feeder.done}
+        self.assertOutputs(outdir, [r for r in ranges if r["eventRangeID"] in done])
 
 
 class LocalRayTests(DriverTestCase):

@@ -324,6 +324,8 @@ async def _close_actors(actors: Sequence[Any]) -> None:
 async def drive(ray: Any, options: Options) -> int:
     """Start the actors, drive one connection each until the job is done: the exit status."""
     count = options.workers or options.local_cpus or max(1, alive_cpus(ray))
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    say(f"driver on node {ray.get_runtime_context().get_node_id()[:12]}; {count} actor(s) on {nodes} node(s)")
     started = await start_actors(ray, options, count)
     if not started:
         say("no ray worker started")
