@@ -150,6 +150,11 @@ async def main_async(reactor: Any, args: argparse.Namespace) -> None:
         ray, total = await feed(reactor, driver, args.ranges, args.ranges_per_answer)
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
+    for payload in ("local", "ray"):  # every output there, then gone: 2 x 20,000 small files
+        outputs = sum(1 for _ in (run_dir / payload).iterdir())
+        if outputs != args.ranges:
+            raise SystemExit(f"bench/ray: {outputs} outputs of {payload} for {args.ranges} ranges")
+        shutil.rmtree(run_dir / payload)
     assert ray.first_handed is not None
     rate, local = ray.rate(), baseline.rate()
     values: dict[str, Any] = {

@@ -89,4 +89,3 @@ class RayBenchSmokeTests(TestCase):
         self.assertEqual((results["ranges"], results["workers"], results["ranges_per_answer"]), (300, 4, 2))
         for key in ("ranges_per_s", "local_ranges_per_s", "ratio_vs_local", "startup_s"):
             self.assertGreater(results[key], 0, key)
-        self.assertEqual(len(list((run_dir / "ray").iterdir())), 300, "every output written")

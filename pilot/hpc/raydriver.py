@@ -383,7 +383,8 @@ async def run_until_signal(ray: Any, options: Options) -> int:
         return 128 + signalled[0]
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+            loop.remove_signal_handler(signum)  # which restores the default action: not ours
+            signal.signal(signum, _raise_signalled)
 
 
 class _Signalled(Exception):
