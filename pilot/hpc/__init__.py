@@ -6,5 +6,6 @@ lazily, Ray.  The pilot's side stays the event-range channel of ``pilot/eventser
 driver here is just an event-service payload whose workers happen to live on other nodes.
 
 ``raydriver``: ``python -m pilot.hpc.raydriver``, the payload that drives Ray actors;
-``rayworker``: what one actor does with a batch of ranges.
+``rayworker``: what one actor does with a batch of ranges; ``channel``: the payload's side
+of the event-range channel (grammar, one connection, outputs written whole).
 """

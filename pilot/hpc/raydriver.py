@@ -29,8 +29,8 @@ it held (lost actors included, their ranges reported failed); 1 when no actor st
 every actor was lost; 2 for a usage error (no channel); 3 when the channel could not be
 reached or the pilot closed it; 128 + signal on SIGTERM/SIGINT.
 
-Only the standard library at import time; Ray is imported inside ``main`` (so this
-module imports anywhere, and the tests can use its functions without Ray).
+Only the standard library at import time; Ray is imported by ``connect`` (so this module
+imports in any payload environment, and the tests use its functions without Ray).
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ CLOSE_WAIT = 10.0
 
 @dataclass(frozen=True)
 class Options:
+    """The command line, checked (``parse_options``)."""
+
     channel: str
     address: str
     local_cpus: int | None
