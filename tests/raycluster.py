@@ -94,6 +94,22 @@ def session_members(sessions: Iterable[int]) -> list[int]:
     return found
 
 
+def sessions_mentioning(text: str) -> set[int]:
+    """The sessions of live processes whose command line holds ``text`` (a Ray temp directory)."""
+    needle = os.fsencode(text)
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                mentions = needle in (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            stat = _stat(int(entry.name))
+            if mentions and stat is not None and stat[0] != "Z":
+                found.add(stat[1])
+    return found - {os.getsid(0)}
+
+
 def _signal_all(pids: Iterable[int], signum: int) -> None:
     for pid in pids:
         try:

@@ -30,7 +30,15 @@ from pilot.hpc import rayworker
 
 from . import es_payload
 from .harness import run_to_end
-from .raycluster import NODE_IP, RayCluster, end_sessions, ray_environment, require_ray, session_members
+from .raycluster import (
+    NODE_IP,
+    RayCluster,
+    end_sessions,
+    ray_environment,
+    require_ray,
+    session_members,
+    sessions_mentioning,
+)
 from .test_es_e2e import EventServiceSite
 from .test_es_payload import Feeder, Payload, expected_content, make_range
 
@@ -295,6 +303,8 @@ class RayEndToEndTests(EventServiceSite):
         temp = Path(os.environ.get("TMPDIR", "/tmp")) / f"txr-e2e-{os.getpid()}"
         temp.mkdir()
         self.addCleanup(shutil.rmtree, temp, ignore_errors=True)
+        # whatever happens to the pilot, no Ray process of this test outlives it
+        self.addCleanup(lambda: Deferred.fromCoroutine(end_sessions(reactor, sessions_mentioning(str(temp)))))
         driver = (
             f"exec {sys.executable} -m pilot.hpc.raydriver --local 4 --workers 4"
             f" --channel PILOT_EVENTRANGECHANNEL --temp-dir {temp} --node-ip-address {NODE_IP}"
@@ -312,6 +322,7 @@ class RayEndToEndTests(EventServiceSite):
         for item in view["ranges"]:
             self.assertEqual(item["reported"], {"finished": 1}, item["eventRangeID"])
         self.assertEqual(summary.event_service["workers"], 4)
+        self.assertEqual(sessions_mentioning(str(temp)), set(), "the driver shut its Ray down")
 
 
 class GrammarTests(SynchronousTestCase):
