@@ -26,11 +26,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest
+
+from .events import processes_gone
 
 #: The loopback address the nodes use (not 127.0.0.1: see the module docstring).
 NODE_IP = "127.0.0.2"
@@ -119,17 +120,24 @@ def _signal_all(pids: Iterable[int], signum: int) -> None:
 
 
 async def end_sessions(reactor: Any, sessions: Iterable[int], grace: float = GRACE) -> None:
-    """SIGTERM to every process of the sessions, SIGKILL after ``grace``; returns once all are gone."""
+    """SIGTERM to every process of the sessions, SIGKILL after ``grace``; returns once all are gone.
+
+    Waits on the processes' pidfds (``tests.events.processes_gone``), never by polling; a
+    round that times out moves on to SIGKILL (new members, forked meanwhile, get it too).
+    """
     sessions = list(sessions)
-    _signal_all(session_members(sessions), signal.SIGTERM)
-    waited = 0.0
-    while members := session_members(sessions):
-        if waited >= grace:
-            _signal_all(members, signal.SIGKILL)
-        if waited >= grace + 10:
-            raise AssertionError(f"Ray processes {members} survive SIGKILL")
-        await deferLater(reactor, 0.1, lambda: None)
-        waited += 0.1
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0), (signal.SIGKILL, 10.0)):
+        members = session_members(sessions)
+        if not members:
+            return
+        _signal_all(members, signum)
+        try:
+            await processes_gone(members, timeout=wait)
+        except TimeoutError:
+            pass
+    members = session_members(sessions)
+    if members:
+        raise AssertionError(f"Ray processes {members} survive SIGKILL")
 
 
 # -- ray start ------------------------------------------------------------------------------------

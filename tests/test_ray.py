@@ -79,7 +79,7 @@ def batches_of(ranges: Sequence[dict[str, Any]], size: int) -> list[list[dict[st
 class DriverTestCase(TestCase):
     """Starts the pilot's channel and the driver (in its own session, ended in a cleanup)."""
 
-    timeout = 60
+    timeout = 150
 
     def setUp(self) -> None:
         require_ray()
@@ -181,7 +181,7 @@ class ClusterTests(DriverTestCase):
         # found as the README's Slurm recipe finds it: "auto" in the directory of `ray start`
         args = ("--temp-dir", str(cluster.temp_dir), "--workers", "4", "--output-dir", str(outdir))
         driver = self.driver(channel, *args, "--pids-file", str(pids), "--event-seconds", "0.003")
-        await feeder.when(lambda: len(feeder.done) >= 200, timeout=40)
+        await feeder.when(lambda: len(feeder.done) >= 200, timeout=90)
         number, victim, _ = self.actors(pids)[0]
         os.kill(victim, signal.SIGKILL)
         self.assertEqual(await self.finish(driver, feeder, 4), 0, driver.err[-3000:])
@@ -208,7 +208,7 @@ class ClusterTests(DriverTestCase):
         outdir, pids = self.outdir(), self.short / "pids"
         args = ("--address", cluster.address, "--workers", "4", "--output-dir", str(outdir))
         driver = self.driver(channel, *args, "--pids-file", str(pids), "--event-seconds", "0.003")
-        await feeder.when(lambda: len(feeder.done) >= 200, timeout=40)
+        await feeder.when(lambda: len(feeder.done) >= 200, timeout=90)
         # the node the driver is not attached to (its raylet is the driver's link to Ray, as
         # the head node's is in an allocation): every process of it killed at once
         [driver_node] = re.findall(rb"driver on node (\w+)", driver.out)
@@ -274,7 +274,7 @@ class LocalRayTests(DriverTestCase):
         driver = self.local(
             channel, 2, "--workers", "2", "--event-seconds", "0.01", "--output-dir", str(self.outdir())
         )
-        await feeder.when(lambda: len(feeder.done) >= 10, timeout=40)
+        await feeder.when(lambda: len(feeder.done) >= 10, timeout=90)
         assert driver.transport is not None
         driver.transport.signalProcess("TERM")
         self.assertEqual(await self.finish(driver, feeder, 2), 128 + signal.SIGTERM, driver.err[-3000:])
