@@ -82,7 +82,7 @@ INERT: tuple[Inert, ...] = (
     Inert("hpc-resource", None, "value", _HPC),
     Inert("hpc-mode", None, "value", _HPC),
     Inert("es-executor-type", None, "value", _HPC),
-    Inert("pod", None, "flag", "txpilot has no Kubernetes pod mode"),
+    Inert("pod", None, "flag", "in a Kubernetes pod txpilot runs as on any worker node (Harvester pull mode)"),
     Inert(
         "noproxyverification",
         "t",
