@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -28,12 +27,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 from twisted.internet import reactor as _reactor
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from pilot.localrun import child_environment, twistd_argv
 from pilot.process.runner import ManagedProcess
 
 from .harvester_side import HarvesterSide
+from .netns import netns_argv, require_netns
 
 reactor: Any = _reactor
 QUEUE = "HPC_PUSH"
@@ -74,13 +74,8 @@ def adler(data: bytes) -> str:
 class HarvesterPushModeTests(TestCase):
     timeout = 240
 
-    def setUp(self) -> None:
-        missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
-        if missing or os.geteuid() != 0:
-            why = f"needs root and {', '.join(missing) or 'unshare, ip'} for a network namespace"
-            if os.environ.get("CI") == "true":
-                self.fail(why)
-            raise SkipTest(why)
+    async def setUp(self) -> None:  # type: ignore[override]  # trial awaits it
+        self.tools = await require_netns(self, reactor)
         self.base = Path(self.mktemp()).absolute()
         self.access = self.base / "harvester" / "worker-17"
         self.access.mkdir(parents=True)
@@ -165,10 +160,7 @@ class HarvesterPushModeTests(TestCase):
         ]  # fmt: skip
         env = child_environment({"TXPILOT_NET_LOG": str(self.net_log)})
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.guard), env.get("PYTHONPATH", "")) if p)
-        argv = [
-            "unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-            *twistd_argv("pilot", *args),
-        ]  # fmt: skip
+        argv = netns_argv(twistd_argv("pilot", *args), self.tools)
         process = ManagedProcess(
             reactor, reactor, argv, env=env, cwd=self.workdir,
             stdout=self.base / "pilot.log", stderr=self.base / "pilot.log", kill_grace=10.0, name="pilot",
