@@ -206,16 +206,12 @@ class HarvesterSource:
         if self._final_pending is None:
             return
         dump = self.files.path(self.files.event_status)
-
-        def dump_taken() -> Deferred[bool | None]:
-            return self._in_thread(lambda: True if not filebox.exists(dump) else None)
-
-        taken = await filebox.poll(self._clock, self.interval, self.ack_wait, dump_taken)
-        if taken is not None:
+        taken = await self._until_gone([dump], self.ack_wait)
+        if taken:
             await deferLater(self._clock, self.interval, lambda: None)
             await self._report_files({str(self._final_pending): []})
-            taken = await filebox.poll(self._clock, self.interval, self.ack_wait, dump_taken)
-        if taken is None:
+            taken = await self._until_gone([dump], self.ack_wait)
+        if not taken:
             log.warn(
                 "Harvester has not taken the last job's final report in {wait:.0f} s; asking for a job anyway",
                 wait=self.ack_wait,
@@ -361,16 +357,18 @@ class HarvesterSource:
         await self._reports.acquire()
         try:
             waiting = [self.files.path(n) for n in (self.files.event_status, self.files.events_update)]
-            free = await filebox.poll(
-                self._clock,
-                self.interval,
-                None,
-                lambda: self._in_thread(lambda: True if not any(map(filebox.exists, waiting)) else None),
-            )
-            assert free is not None
+            await self._until_gone(waiting, None)
             await self._write(name, document)
         finally:
             self._reports.release()
+
+    async def _until_gone(self, paths: list[Path], timeout: float | None) -> bool:
+        """Look every ``interval`` until none of ``paths`` exists (Harvester took them); False after ``timeout``."""
+
+        def look() -> Deferred[bool | None]:
+            return self._in_thread(lambda: None if any(map(filebox.exists, paths)) else True)
+
+        return await filebox.poll(self._clock, self.interval, timeout, look) is not None
 
     # -- the worker ----------------------------------------------------------------------
 
